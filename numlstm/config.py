@@ -1,0 +1,28 @@
+"""Tunables read by the kernels and their drivers.
+
+Kernel options (``FASTMATH``, ``CACHE``) are read once, when ``numlstm.kernels``
+is first imported; tests that want other values patch them before that import.
+Driver thresholds (``PARALLEL_MIN_WORK``) are read at every call.
+"""
+
+import os
+
+# LLVM fast-math flags for the kernels. Reassociation lets LLVM vectorise dot
+# products; "nnan"/"ninf" are deliberately absent so that NaN and inf inputs
+# propagate as IEEE arithmetic says instead of being assumed away.
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+
+# Numba's on-disk cache (``cache=True``): the first process compiles (a few
+# seconds per dtype), later processes load machine code from __pycache__.
+CACHE = os.environ.get("NUMLSTM_NO_CACHE", "") == ""
+
+# Batched kernels (input projections over all T*B rows, weight-gradient SDDMM)
+# use the ``parallel=True`` variant when their work, counted in multiply-adds,
+# is at least this large. Numba's parallel region costs tens of microseconds to
+# enter on a small machine, so per-timestep kernels are always serial.
+PARALLEL_MIN_WORK = 2_000_000
+
+# Relative tolerances used by tests when comparing float32 results to the
+# float64 reference.
+RTOL = {"float32": 2e-4, "float64": 1e-10}
+ATOL = {"float32": 2e-5, "float64": 1e-12}

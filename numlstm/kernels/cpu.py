@@ -1,0 +1,292 @@
+"""CPU kernels: the only place with element loops on the CPU.
+
+Glossary: T time steps, B batch, I input features, H hidden, P projection
+(0 = none), O = P or H, G = 4H gate rows (order i, f, g, o), N = T*B rows.
+
+Conventions (DESIGN.md §3):
+
+* Arguments: outputs first, then inputs, then weights. Sizes are read off the
+  array shapes, so no size arguments are needed.
+* A weight crosses into a kernel as four arrays ``(dense, data, indices,
+  indptr)``. A dense weight passes its (R, K) matrix and empty CSR arrays; a
+  CSR weight passes a (0, 0) ``dense`` and its raw CSR arrays (indices sorted,
+  int32). ``dense.shape[0] > 0`` selects the dense path. Products with W^T for
+  a CSR weight take the transposed pattern (CSR of W^T) in the same four slots.
+* Every product here writes ``out = x @ W^T`` (overwrite, never accumulate),
+  with x (N, K), W (R, K), out (N, R).
+* Kernels never allocate; every buffer comes from the caller's workspace.
+"""
+
+import types
+
+import numpy as np
+from numba import njit, prange
+
+from numlstm import config
+
+_OPTS = {"cache": config.CACHE, "fastmath": config.FASTMATH, "nogil": True}
+
+
+def _variants(fn):
+    """Compile ``fn`` twice from one source: serial and ``parallel=True``.
+
+    The parallel copy gets its own qualified name so that numba's on-disk
+    cache, which is keyed by qualified name, keeps the two apart.
+    """
+    par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_parallel",
+                             fn.__defaults__, fn.__closure__)
+    par.__qualname__ = fn.__qualname__ + "_parallel"
+    return njit(**_OPTS)(fn), njit(parallel=True, **_OPTS)(par)
+
+
+# ----------------------------------------------------------------------------
+# Scalar nonlinearities: overflow-free for any finite z, in float32 and float64
+# ----------------------------------------------------------------------------
+
+@njit(inline="always", **_OPTS)
+def sigmoid(z):
+    # exp of a non-positive number never overflows; the two branches are the
+    # same function written for z >= 0 and z < 0.
+    if z >= 0:
+        return 1 / (1 + np.exp(-z))
+    e = np.exp(z)
+    return e / (1 + e)
+
+
+# ----------------------------------------------------------------------------
+# Products
+# ----------------------------------------------------------------------------
+
+@njit(inline="always", **_OPTS)
+def _csr_rows(out, x, data, indices, indptr, n):
+    """out[n, r] = sum_k data[k] * x[n, indices[k]] over row r's stored values."""
+    zero = out.dtype.type(0)
+    for r in range(indptr.shape[0] - 1):
+        acc = zero
+        for k in range(indptr[r], indptr[r + 1]):
+            acc += data[k] * x[n, indices[k]]
+        out[n, r] = acc
+
+
+@njit(**_OPTS)
+def matmul(out, x, dense, data, indices, indptr):
+    """out (N, R) = x (N, K) @ W^T, W (R, K) dense or CSR. Serial: per step."""
+    if dense.shape[0] > 0:
+        np.dot(x, dense.T, out)
+    else:
+        for n in range(x.shape[0]):
+            _csr_rows(out, x, data, indices, indptr, n)
+
+
+@njit(**_OPTS)
+def matmul_t(out, x, dense, data_t, indices_t, indptr_t):
+    """out (N, K) = x (N, R) @ W, W (R, K): dense W, or the CSR pattern of W^T."""
+    if dense.shape[0] > 0:
+        np.dot(x, dense, out)
+    else:
+        for n in range(x.shape[0]):
+            _csr_rows(out, x, data_t, indices_t, indptr_t, n)
+
+
+def _csr_matmul_batch(out, x, data, indices, indptr):
+    """out (N, R) = x (N, K) @ W^T for CSR W (R, K); rows of x split over threads."""
+    for n in prange(x.shape[0]):
+        _csr_rows(out, x, data, indices, indptr, n)
+
+
+csr_matmul_batch, csr_matmul_batch_parallel = _variants(_csr_matmul_batch)
+
+
+def _sddmm_acc(gdata, dz_t, a_t, indices, indptr):
+    """Weight gradient on a stored pattern (sampled dense-dense product).
+
+    For every stored (r, c) = (row, indices[k]):
+    ``gdata[k] += sum_n dz_t[r, n] * a_t[c, n]``, with dz_t (R, N) and a_t (K, N)
+    transposed so that each sum reads two contiguous rows. Rows are split over
+    threads, so no two threads write the same value.
+    """
+    zero = gdata.dtype.type(0)
+    for r in prange(indptr.shape[0] - 1):
+        for k in range(indptr[r], indptr[r + 1]):
+            c = indices[k]
+            acc = zero
+            for n in range(dz_t.shape[1]):
+                acc += dz_t[r, n] * a_t[c, n]
+            gdata[k] += acc
+
+
+sddmm_acc, sddmm_acc_parallel = _variants(_sddmm_acc)
+
+
+# ----------------------------------------------------------------------------
+# Fused pointwise cell steps
+# ----------------------------------------------------------------------------
+
+@njit(inline="always", **_OPTS)
+def _cell_forward(c_out, act, r_out, c_prev, b):
+    """Gate nonlinearities and cell update for batch row b, in place.
+
+    act[b] holds the pre-activations z (G,) on entry and the activations
+    i, f, g, o on exit; c_out[b] = f*c_prev[b] + i*g and r_out[b] = o*tanh(c)
+    (r_out is h itself when there is no projection). c_out may be c_prev.
+    """
+    H = c_out.shape[1]
+    for j in range(H):
+        i = sigmoid(act[b, j])
+        f = sigmoid(act[b, H + j])
+        g = np.tanh(act[b, 2 * H + j])
+        o = sigmoid(act[b, 3 * H + j])
+        act[b, j] = i
+        act[b, H + j] = f
+        act[b, 2 * H + j] = g
+        act[b, 3 * H + j] = o
+        c = f * c_prev[b, j] + i * g
+        c_out[b, j] = c
+        r_out[b, j] = o * np.tanh(c)
+
+
+@njit(**_OPTS)
+def lstm_step(h, c, gates, r, scratch, x,
+              wih, wih_data, wih_indices, wih_indptr, bias_ih, bias_hh,
+              whh, whh_data, whh_indices, whh_indptr,
+              whr, whr_data, whr_indices, whr_indptr):
+    """One LSTM step for a whole batch, state updated in place (streaming).
+
+    Shapes: h (B, O) and c (B, H) state, read as h_{t-1}, c_{t-1} and
+    overwritten with h_t, c_t; gates and scratch (B, G); r (B, H) (= o*tanh(c),
+    the projection's input; (0, H) when P = 0); x (B, K); bias_ih, bias_hh
+    (G,), or both (0,) for a model without bias;
+    W_ih (G, K), W_hh (G, O), W_hr (P, H) (any arrays when P = 0).
+    Both products read h before the cell update writes it.
+    """
+    matmul(gates, x, wih, wih_data, wih_indices, wih_indptr)
+    matmul(scratch, h, whh, whh_data, whh_indices, whh_indptr)
+    has_bias = bias_ih.shape[0] > 0
+    projected = r.shape[0] > 0
+    for b in range(gates.shape[0]):
+        for q in range(gates.shape[1]):
+            gates[b, q] += scratch[b, q]
+            if has_bias:
+                gates[b, q] += bias_ih[q] + bias_hh[q]
+        if projected:
+            _cell_forward(c, gates, r, c, b)
+        else:
+            _cell_forward(c, gates, h, c, b)
+    if projected:
+        matmul(h, r, whr, whr_data, whr_indices, whr_indptr)
+
+
+@njit(**_OPTS)
+def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths,
+                     whh, whh_data, whh_indices, whh_indptr,
+                     whr, whr_data, whr_indices, whr_indptr):
+    """Forward recurrence of one layer and direction over a whole sequence.
+
+    Shapes: hs (T+1, B, O) and cs (T+1, B, H) with hs[0], cs[0] = h0, c0 on
+    entry and hs[t+1], cs[t+1] the state after step t on exit; gates (T, B, G)
+    holds x_t W_ih^T + b on entry and the activations i, f, g, o on exit;
+    rs (T, B, H) receives o*tanh(c) when projecting (else (0, B, H));
+    scratch (B, G); lengths (B,) int64 in [0, T].
+
+    Steps t >= lengths[b] are padding: row b's state is carried unchanged and
+    its activations are set to zero.
+    """
+    T = gates.shape[0]
+    projected = rs.shape[0] > 0
+    for t in range(T):
+        matmul(scratch, hs[t], whh, whh_data, whh_indices, whh_indptr)
+        act = gates[t]
+        for b in range(act.shape[0]):
+            if t < lengths[b]:
+                for q in range(act.shape[1]):
+                    act[b, q] += scratch[b, q]
+                if projected:
+                    _cell_forward(cs[t + 1], act, rs[t], cs[t], b)
+                else:
+                    _cell_forward(cs[t + 1], act, hs[t + 1], cs[t], b)
+            else:
+                act[b, :] = 0
+                cs[t + 1, b, :] = cs[t, b, :]
+                if projected:
+                    rs[t, b, :] = 0
+                else:
+                    hs[t + 1, b, :] = hs[t, b, :]
+        if projected:
+            matmul(hs[t + 1], rs[t], whr, whr_data, whr_indices, whr_indptr)
+            for b in range(act.shape[0]):
+                if t >= lengths[b]:
+                    hs[t + 1, b, :] = hs[t, b, :]
+
+
+@njit(**_OPTS)
+def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
+                      dy, hs, cs, rs, lengths,
+                      whh, whh_data_t, whh_indices_t, whh_indptr_t,
+                      whr, whr_data_t, whr_indices_t, whr_indptr_t):
+    """Backward recurrence (BPTT) of one layer and direction.
+
+    Shapes: dh (B, O) and dc (B, H) hold dh_n, dc_n on entry and dh0, dc0 on
+    exit; gates (T, B, G) holds the forward activations on entry and dz, the
+    gradient of the pre-activations, on exit (zero at padded steps);
+    dhs (T, B, O) receives the gradient reaching each step's output h_t (needed
+    for dW_hr; (0, B, O) when P = 0); scratch_o (B, O), scratch_h (B, H);
+    dy (T, B, O) the gradient of this direction's outputs; hs, cs, rs, lengths
+    as left by ``lstm_seq_forward``. W_hh and W_hr come dense, or as the
+    transposed CSR pattern, since the products here are with W, not W^T.
+    """
+    T = gates.shape[0]
+    H = dc.shape[1]
+    projected = rs.shape[0] > 0
+    for t in range(T - 1, -1, -1):
+        act = gates[t]
+        # dcur: gradient reaching h_t, from the output and from step t+1.
+        dcur = dhs[t] if projected else scratch_o
+        for b in range(act.shape[0]):
+            if t < lengths[b]:
+                for j in range(dcur.shape[1]):
+                    dcur[b, j] = dh[b, j] + dy[t, b, j]
+            else:
+                dcur[b, :] = 0
+        if projected:
+            matmul_t(scratch_h, dcur, whr, whr_data_t, whr_indices_t, whr_indptr_t)
+            dr = scratch_h
+        else:
+            dr = dcur
+        for b in range(act.shape[0]):
+            if t >= lengths[b]:
+                continue  # padding: dh, dc pass through; act is already zero
+            for j in range(H):
+                i = act[b, j]
+                f = act[b, H + j]
+                g = act[b, 2 * H + j]
+                o = act[b, 3 * H + j]
+                tc = np.tanh(cs[t + 1, b, j])
+                dcc = dc[b, j] + dr[b, j] * o * (1 - tc * tc)
+                act[b, j] = dcc * g * i * (1 - i)
+                act[b, H + j] = dcc * cs[t, b, j] * f * (1 - f)
+                act[b, 2 * H + j] = dcc * i * (1 - g * g)
+                act[b, 3 * H + j] = dr[b, j] * tc * o * (1 - o)
+                dc[b, j] = dcc * f
+        matmul_t(scratch_o, act, whh, whh_data_t, whh_indices_t, whh_indptr_t)
+        for b in range(act.shape[0]):
+            if t < lengths[b]:
+                dh[b, :] = scratch_o[b, :]
+
+
+# ----------------------------------------------------------------------------
+# Small helpers for the drivers
+# ----------------------------------------------------------------------------
+
+@njit(**_OPTS)
+def add_rows(out, v):
+    """out (N, R) += v (R,) on every row (bias add without a temporary)."""
+    for n in range(out.shape[0]):
+        for r in range(out.shape[1]):
+            out[n, r] += v[r]
+
+
+@njit(**_OPTS)
+def gather_rows(out, x, index):
+    """out[n] = x[index[n]] for 2-D x; lets a reversed sequence be built in place."""
+    for n in range(index.shape[0]):
+        out[n, :] = x[index[n], :]

@@ -1,0 +1,113 @@
+"""O(1)-memory, step-by-step inference: what a service runs per request.
+
+A ``Stream`` owns the state (h, c) of every layer for a fixed batch and the
+few buffers one step needs, all carved from one workspace block when it is
+made. ``step`` then runs one kernel call per layer and allocates nothing.
+"""
+
+import numpy as np
+
+from numlstm import weights as W
+from numlstm.kernels import cpu as K
+from numlstm.workspace import Workspace
+
+
+class Stream:
+    """Advance an LSTM one time step per call, carrying its state.
+
+    Made by ``LSTM.stream(batch_size=1, state=None)``. The stream reads the
+    model's live weights: in-place updates are seen at the next step, and a
+    ``load_state_dict`` on the model rebinds the stream at its next step.
+
+    Parameters
+    ----------
+    model : numlstm.LSTM
+        A unidirectional model.
+    batch_size : int
+        B, sequences advanced together.
+    state : tuple (h (L, B, O), c (L, B, H)), optional
+        Initial state; zeros when omitted.
+    """
+
+    def __init__(self, model, batch_size=1, state=None):
+        if model.bidirectional:
+            raise ValueError("a bidirectional model cannot stream: its reverse direction "
+                             "needs the whole sequence; use forward() instead")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.model = model
+        self.batch_size = B = int(batch_size)
+        L, H, O, P = model.num_layers, model.hidden_size, model.output_size, model.proj_size
+        self._ws = Workspace(model.dtype)
+        v = self._ws.carve([("h", (L, B, O)),  # state h_t of every layer
+                            ("c", (L, B, H)),  # state c_t of every layer
+                            ("gates", (B, 4 * H)), ("scratch", (B, 4 * H)),
+                            ("r", (B if P else 0, H)),  # o * tanh(c), the projection's input
+                            ("x", (B, model.input_size))])  # converted input, when needed
+        self._h, self._c = v["h"], v["c"]
+        # Per-layer views made once: creating a view inside step would allocate.
+        self._h_layers = [v["h"][l] for l in range(L)]
+        self._c_layers = [v["c"][l] for l in range(L)]
+        self._gates, self._scratch, self._r, self._x = v["gates"], v["scratch"], v["r"], v["x"]
+        self._bind()
+        self.reset(state)
+
+    def _bind(self):
+        """Snapshot the kernel arguments of every layer (arrays, not copies)."""
+        m = self.model
+        no_bias = np.zeros(0, m.dtype)
+        no_proj = W.Dense(np.zeros((0, 0), m.dtype)).kernel_args()
+        self._args = []
+        for l in range(m.num_layers):
+            b_ih, b_hh = m._biases(l, 0)
+            self._args.append(
+                m._weight("ih", l, 0).kernel_args()
+                + ((no_bias, no_bias) if b_ih is None else (b_ih, b_hh))
+                + m._weight("hh", l, 0).kernel_args()
+                + (m._weight("hr", l, 0).kernel_args() if m.proj_size else no_proj))
+        self._version = m.version
+
+    def reset(self, state=None):
+        """Set the state to ``state`` (h (L, B, O), c (L, B, H)), or to zeros."""
+        if state is None:
+            self._h.fill(0)
+            self._c.fill(0)
+            return
+        h0, c0 = self.model._check_state(state, self.batch_size, False)
+        self._h[...] = h0
+        self._c[...] = c0
+
+    @property
+    def state(self):
+        """Copies of the current state: h (L, B, O), c (L, B, H)."""
+        return self._h.copy(), self._c.copy()
+
+    def step(self, x_t):
+        """Advance every layer by one step.
+
+        Parameters
+        ----------
+        x_t : array (B, I)
+            A C-contiguous array of the model's dtype is used as it is, with no
+            allocation; other floating inputs are converted into a buffer.
+
+        Returns
+        -------
+        array (B, O)
+            The top layer's output h_t: a view of the stream's state buffer,
+            overwritten by the next step (copy it to keep it).
+        """
+        if self._version != self.model.version:
+            self._bind()
+        x = self._x
+        if (type(x_t) is np.ndarray and x_t.dtype == x.dtype and x_t.shape == x.shape
+                and x_t.flags.c_contiguous):
+            x = x_t
+        else:
+            np.copyto(x, W.check_float_array(x_t, "x_t", x.shape, x.dtype))
+        for l, args in enumerate(self._args):
+            h = self._h_layers[l]
+            K.lstm_step(h, self._c_layers[l], self._gates, self._r, self._scratch, x, *args)
+            x = h
+        return x
