@@ -410,9 +410,11 @@ class LSTM:
         if b_ih is not None:
             K.add_rows(gates.reshape(T * B, G), b_ih)
             K.add_rows(gates.reshape(T * B, G), b_hh)
-        K.lstm_seq_forward(v[f"hs{tag}"], v[f"cs{tag}"], gates, v[f"rs{tag}"], v["scratch"],
-                           lengths, *self._weight("hh", l, d).kernel_args(),
-                           *self._proj_args(l, d))
+        # Arguments go as one prebuilt tuple: numba 0.68 leaks ~30 bytes per
+        # array when positional and *-unpacked arguments are mixed in a call.
+        args = ((v[f"hs{tag}"], v[f"cs{tag}"], gates, v[f"rs{tag}"], v["scratch"], lengths)
+                + self._weight("hh", l, d).kernel_args() + self._proj_args(l, d))
+        K.lstm_seq_forward(*args)
 
     def _proj_args(self, l, d, transposed=False):
         if not self.proj_size:
@@ -500,10 +502,11 @@ class LSTM:
         N = T * B
         tag = f"{l}{d}"
         gates, hs, rs = v[f"gates{tag}"], v[f"hs{tag}"], v[f"rs{tag}"]
-        K.lstm_seq_backward(v["dh"], v["dc"], gates, v["dhs"], v["scratch_o"], v["scratch_h"],
-                            v["dyd"], hs, v[f"cs{tag}"], rs, tape.lengths,
-                            *self._weight("hh", l, d).kernel_args_t(),
-                            *self._proj_args(l, d, transposed=True))
+        args = ((v["dh"], v["dc"], gates, v["dhs"], v["scratch_o"], v["scratch_h"],
+                 v["dyd"], hs, v[f"cs{tag}"], rs, tape.lengths)
+                + self._weight("hh", l, d).kernel_args_t()
+                + self._proj_args(l, d, transposed=True))
+        K.lstm_seq_backward(*args)
         G, width = gates.shape[2], dx_l.shape[2]
         dz = gates.reshape(N, G)
         x2d = (v["x0"] if l == 0 else v[f"x{l}"]).reshape(N, width)
@@ -582,7 +585,7 @@ def _matmul_batch(out, x, weight, transposed=False):
     if isinstance(weight, W.Dense):
         np.matmul(x, weight.array if transposed else weight.array.T, out=out)
         return
-    args = weight.kernel_args_t() if transposed else weight.kernel_args()
+    args = (out, x) + (weight.kernel_args_t() if transposed else weight.kernel_args())[1:]
     kernel = K.csr_matmul_batch_parallel if weight.nnz * x.shape[0] >= config.PARALLEL_MIN_WORK \
         else K.csr_matmul_batch
-    kernel(out, x, *args[1:])
+    kernel(*args)

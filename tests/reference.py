@@ -166,8 +166,7 @@ def _direction_backward(tape, w, dout, dh, dc, valid, reverse):
     (keys as in ``_layer_weights``, only those that exist).
     """
     x = tape["x"]
-    T, B, _ = x.shape
-    H = w["W_hh"].shape[0] // 4
+    T = x.shape[0]
     dw = {name: np.zeros_like(value) for name, value in w.items() if value is not None}
     dx = np.zeros_like(x)  # (T, B, F)
     dh = dh.copy()  # (B, O) gradient of the state leaving step t

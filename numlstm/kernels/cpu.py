@@ -146,32 +146,34 @@ def _cell_forward(c_out, act, r_out, c_prev, b):
 
 
 @njit(**_OPTS)
-def lstm_step(h, c, gates, r, scratch, x,
+def lstm_step(h, c, gates, r, x,
               wih, wih_data, wih_indices, wih_indptr, bias_ih, bias_hh,
               whh, whh_data, whh_indices, whh_indptr,
               whr, whr_data, whr_indices, whr_indptr):
     """One LSTM step for a whole batch, state updated in place (streaming).
 
     Shapes: h (B, O) and c (B, H) state, read as h_{t-1}, c_{t-1} and
-    overwritten with h_t, c_t; gates and scratch (B, G); r (B, H) (= o*tanh(c),
-    the projection's input; (0, H) when P = 0); x (B, K); bias_ih, bias_hh
-    (G,), or both (0,) for a model without bias;
-    W_ih (G, K), W_hh (G, O), W_hr (P, H) (any arrays when P = 0).
+    overwritten with h_t, c_t; gates (2, B, G): [0] receives the gate
+    activations, [1] is scratch for the recurrent product; r (B, H)
+    (= o*tanh(c), the projection's input; (0, H) when P = 0); x (B, K);
+    bias_ih, bias_hh (G,), or both (0,) for a model without bias; W_ih (G, K),
+    W_hh (G, O), W_hr (P, H) (any arrays when P = 0).
     Both products read h before the cell update writes it.
     """
-    matmul(gates, x, wih, wih_data, wih_indices, wih_indptr)
-    matmul(scratch, h, whh, whh_data, whh_indices, whh_indptr)
+    act, rec = gates[0], gates[1]
+    matmul(act, x, wih, wih_data, wih_indices, wih_indptr)
+    matmul(rec, h, whh, whh_data, whh_indices, whh_indptr)
     has_bias = bias_ih.shape[0] > 0
     projected = r.shape[0] > 0
-    for b in range(gates.shape[0]):
-        for q in range(gates.shape[1]):
-            gates[b, q] += scratch[b, q]
+    for b in range(act.shape[0]):
+        for q in range(act.shape[1]):
+            act[b, q] += rec[b, q]
             if has_bias:
-                gates[b, q] += bias_ih[q] + bias_hh[q]
+                act[b, q] += bias_ih[q] + bias_hh[q]
         if projected:
-            _cell_forward(c, gates, r, c, b)
+            _cell_forward(c, act, r, c, b)
         else:
-            _cell_forward(c, gates, h, c, b)
+            _cell_forward(c, act, h, c, b)
     if projected:
         matmul(h, r, whr, whr_data, whr_indices, whr_indptr)
 
