@@ -138,16 +138,18 @@ class LSTM:
         return shapes
 
     def _set_params(self, values):
-        """Install validated parameters and fresh zero gradients."""
-        self._params = {}  # name -> weights.Dense / weights.CSR, or a bias array
+        """Validate every value, then install them all with fresh zero gradients
+        (a bad value leaves the model as it was)."""
+        params = {}  # name -> weights.Dense / weights.CSR, or a bias array
         for name, shape in self._param_shapes().items():
             if name.startswith("bias"):
                 arr = W.check_float_array(values[name], name, shape, self.dtype)
                 if not np.all(np.isfinite(arr)):
                     raise ValueError(f"{name} must be finite, got NaN or inf values")
-                self._params[name] = arr.copy()
+                params[name] = arr.copy()
             else:
-                self._params[name] = W.from_value(values[name], name, shape, self.dtype)
+                params[name] = W.from_value(values[name], name, shape, self.dtype)
+        self._params = params
         self._grad_buffers = {
             name: (p.new_grad() if name.startswith("weight") else np.zeros_like(p))
             for name, p in self._params.items()}

@@ -1,0 +1,97 @@
+"""Each CPU kernel against plain NumPy/scipy."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
+from numba import njit
+from reference import sigmoid as reference_sigmoid
+
+from numlstm import weights as W
+from numlstm.kernels import cpu as K
+
+
+@njit
+def _sigmoid_all(out, z):
+    for k in range(z.shape[0]):
+        out[k] = K.sigmoid(z[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_is_exact_and_never_overflows(dtype):
+    z = np.array([-1e4, -100, -88.8, -20, -1, 0, 1, 20, 88.8, 100, 1e4, -np.inf, np.inf], dtype)
+    out = np.empty_like(z)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _sigmoid_all(out, z)
+    expected = reference_sigmoid(z.astype(np.float64))
+    np.testing.assert_allclose(out, expected, rtol=1e-6 if dtype == np.float32 else 1e-14,
+                               atol=1e-30)
+    assert out[-2] == 0 and out[-1] == 1 and np.all(np.isfinite(out))
+
+
+def _random_csr(rng, R, C, density, dtype):
+    m = sp.random_array((R, C), density=density, format="csr", dtype=dtype, rng=rng)
+    m.sort_indices()
+    return W.from_value(m, "w", (R, C), dtype), m.toarray()
+
+
+shapes = st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(1, 9),
+                   st.sampled_from([0.0, 0.3, 1.0]), st.sampled_from([np.float32, np.float64]))
+
+
+@given(shapes, st.integers(0, 1000))
+def test_products_match_numpy(shape, seed):
+    N, R, C, density, dtype = shape
+    rng = np.random.default_rng(seed)
+    w, dense = _random_csr(rng, R, C, density, dtype)
+    x = rng.standard_normal((N, C)).astype(dtype)
+    xr = rng.standard_normal((N, R)).astype(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    for weight in (w, W.Dense(dense.copy())):
+        out = np.full((N, R), np.nan, dtype)
+        K.matmul(out, x, *weight.kernel_args())
+        np.testing.assert_allclose(out, x @ dense.T, **tol)
+        out_t = np.full((N, C), np.nan, dtype)
+        K.matmul_t(out_t, xr, *weight.kernel_args_t())
+        np.testing.assert_allclose(out_t, xr @ dense, **tol)
+    for kernel in (K.csr_matmul_batch, K.csr_matmul_batch_parallel):
+        out = np.full((N, R), np.nan, dtype)
+        kernel(out, x, *w.kernel_args()[1:])
+        np.testing.assert_allclose(out, x @ dense.T, **tol)
+
+
+@given(shapes, st.integers(0, 1000))
+def test_sddmm_accumulates_the_gradient_on_the_pattern(shape, seed):
+    N, R, C, density, dtype = shape
+    rng = np.random.default_rng(seed)
+    w, dense = _random_csr(rng, R, C, density, dtype)
+    dz, a = rng.standard_normal((N, R)).astype(dtype), rng.standard_normal((N, C)).astype(dtype)
+    expected = (dz.T @ a)[dense != 0]  # row-major order == CSR order with sorted indices
+    for kernel in (K.sddmm_acc, K.sddmm_acc_parallel):
+        g = np.ones(w.nnz, dtype)
+        kernel(g, np.ascontiguousarray(dz.T), np.ascontiguousarray(a.T), w.indices, w.indptr)
+        np.testing.assert_allclose(g, 1 + expected, rtol=1e-4 if dtype == np.float32 else 1e-12)
+
+
+def test_transposed_pattern_refreshes_after_in_place_updates():
+    rng = np.random.default_rng(0)
+    w, dense = _random_csr(rng, 5, 7, 0.4, np.float64)
+    x = rng.standard_normal((2, 5))
+    out = np.empty((2, 7))
+    K.matmul_t(out, x, *w.kernel_args_t())
+    w.data *= -3.0  # an optimizer step on .data
+    K.matmul_t(out, x, *w.kernel_args_t())
+    np.testing.assert_allclose(out, x @ (-3.0 * dense), atol=1e-12)
+
+
+def test_gather_rows_and_add_rows():
+    x = np.arange(12.0).reshape(4, 3)
+    out = np.empty_like(x)
+    K.gather_rows(out, x, np.array([3, 1, 2, 0]))
+    np.testing.assert_array_equal(out, x[[3, 1, 2, 0]])
+    K.add_rows(out, np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_array_equal(out, x[[3, 1, 2, 0]] + [1, 2, 3])

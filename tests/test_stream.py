@@ -1,0 +1,127 @@
+"""Streaming inference: equals forward, carries state, allocates nothing."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from helpers import TOL, build
+from hypothesis import given
+from numba import njit
+from numba.core.runtime import _nrt_python, rtsys
+from strategies import configs
+
+import numlstm
+from numlstm.kernels import cpu as K
+
+
+@given(configs(max_T=8))
+def test_stream_over_T_steps_equals_forward(cfg):
+    cfg.D, cfg.lengths = 1, None
+    m, x, h0, c0, _ = build(cfg)
+    y, (h_n, c_n) = m(x, (h0, c0))
+    s = m.stream(cfg.B, state=(h0, c0))
+    steps = np.stack([s.step(x[t]).copy() for t in range(cfg.T)])
+    tol = TOL[cfg.dtype]
+    np.testing.assert_allclose(steps, y, **tol)
+    h, c = s.state
+    np.testing.assert_allclose(h, h_n, **tol)
+    np.testing.assert_allclose(c, c_n, **tol)
+
+
+def test_step_returns_a_view_and_reset_clears_the_state():
+    m = numlstm.LSTM(3, 5, num_layers=2, seed=0)
+    s = m.stream(2)
+    x = np.ones((2, 3), np.float32)
+    first = s.step(x).copy()
+    out = s.step(x)
+    assert out.shape == (2, 5) and out.base is not None
+    assert not np.allclose(out, first)  # the state moved on
+    s.reset()
+    assert not np.any(s.state[0]) and not np.any(s.state[1])
+    np.testing.assert_array_equal(s.step(x), first)
+
+
+def test_stream_converts_other_float_precisions():
+    m = numlstm.LSTM(3, 4, seed=0)
+    a, b = m.stream(), m.stream()
+    x = np.linspace(-1, 1, 3)[None, :]
+    np.testing.assert_array_equal(a.step(x), b.step(x.astype(np.float32)))
+
+
+def test_stream_sees_in_place_updates_and_rebinds_after_load_state_dict():
+    m = numlstm.LSTM(3, 4, dtype=np.float64, seed=0)
+    s = m.stream()
+    x = np.ones((1, 3))
+    m.parameters()["bias_ih_l0"][:] += 1.0  # in place: seen by the stream
+    expected, _ = m(x[None])
+    np.testing.assert_allclose(s.step(x), expected[0], atol=1e-14)
+    state = m.state_dict()
+    state["weight_hh_l0"] *= 0.5
+    m.load_state_dict(state)  # new arrays: the stream rebinds
+    s.reset()
+    expected, _ = m(x[None])
+    np.testing.assert_allclose(s.step(x), expected[0], atol=1e-14)
+
+
+def test_bidirectional_model_cannot_stream():
+    with pytest.raises(ValueError, match="bidirectional"):
+        numlstm.LSTM(3, 4, bidirectional=True).stream()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_stream_batch_size_is_checked(bad):
+    with pytest.raises(ValueError, match="batch_size"):
+        numlstm.LSTM(3, 4).stream(bad)
+
+
+@njit
+def _step_n_times(n, args):
+    for _ in range(n):
+        K.lstm_step(*args)
+
+
+@pytest.mark.parametrize("sparse,P", [(False, 0), (True, 0), (True, 8)])
+def test_step_allocates_nothing(sparse, P):
+    """No heap allocation per step: NRT statistics for the kernel itself, and
+    tracemalloc for everything Stream.step does in Python and NumPy."""
+    m = numlstm.LSTM(16, 32, num_layers=2, proj_size=P, seed=0)
+    if sparse:
+        state = m.state_dict()
+        for k, w in state.items():
+            if k.startswith("weight"):
+                w[np.abs(w) < np.quantile(np.abs(w), 0.8)] = 0
+                state[k] = sp.csr_array(w)
+        m.load_state_dict(state)
+    B = 64  # one (B, O) float32 array is >= 2 KiB: far above the bound below
+    s = m.stream(B)
+    x = np.ones((B, 16), np.float32)
+    s.step(x)
+
+    # The kernel: allocations inside a jitted loop of n steps must not grow with n.
+    _nrt_python.memsys_enable_stats()
+    args = s._calls[0]
+    counts = []
+    for n in (1, 50):
+        _step_n_times(n, args)  # compile / warm
+        before = rtsys.get_allocation_stats()
+        _step_n_times(n, args)
+        after = rtsys.get_allocation_stats()
+        counts.append(after.alloc - before.alloc)
+        assert after.alloc - before.alloc == after.free - before.free
+    assert counts[0] == counts[1], counts
+
+    # The whole Python step: no retained memory and no transient array.
+    for _ in range(5):
+        s.step(x)
+    tracemalloc.start()
+    try:
+        start, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        for _ in range(200):
+            s.step(x)
+        end, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert end - start <= 0, end - start
+    assert peak - start < 1024, peak - start
