@@ -2,9 +2,9 @@
 
 import numpy as np
 import scipy.sparse as sp
+from strategies import sparsify
 
 import numlstm
-from strategies import dense64, sparsify
 
 TOL = {np.float32: dict(rtol=2e-3, atol=2e-4), np.float64: dict(rtol=1e-9, atol=1e-10)}
 

@@ -92,7 +92,7 @@ def test_csr_equals_dense_with_same_zeros(cfg, sparsity):
         dy = np.random.default_rng(0).standard_normal(y.shape)
         dx, (dh0, dc0) = m.backward(dy)
         outs.append((y, h_n, c_n, dx, dh0, dc0))
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
     for name, g in m_csr.grad.items():
         if sp.issparse(g):  # the dense model's gradient, read on the CSR pattern
