@@ -12,6 +12,10 @@ import os
 # propagate as IEEE arithmetic says instead of being assumed away.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 
+# float32 sigmoid and tanh as a vectorisable rational approximation
+# (|error| < 3e-7) instead of libm calls; float64 always uses libm.
+FAST_FLOAT32_ACTIVATIONS = os.environ.get("NUMLSTM_EXACT_ACTIVATIONS", "") == ""
+
 # Numba's on-disk cache (``cache=True``): the first process compiles (a few
 # seconds per dtype), later processes load machine code from __pycache__.
 CACHE = os.environ.get("NUMLSTM_NO_CACHE", "") == ""

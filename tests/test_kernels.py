@@ -15,22 +15,36 @@ from numlstm.kernels import cpu as K
 
 
 @njit
-def _sigmoid_all(out, z):
+def _activations(sig, tnh, z):
     for k in range(z.shape[0]):
-        out[k] = K.sigmoid(z[k])
+        sig[k] = K.sigmoid(z[k])
+        tnh[k] = K.tanh(z[k])
+
+
+# float32 uses a rational approximation (absolute error < 3e-7); float64 is exact.
+ACT_TOL = {np.float32: dict(rtol=0, atol=3e-7), np.float64: dict(rtol=1e-14, atol=1e-300)}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sigmoid_is_exact_and_never_overflows(dtype):
-    z = np.array([-1e4, -100, -88.8, -20, -1, 0, 1, 20, 88.8, 100, 1e4, -np.inf, np.inf], dtype)
-    out = np.empty_like(z)
+def test_activations_are_accurate_and_never_overflow(dtype):
+    grid = np.linspace(-30, 30, 200_001)
+    extremes = [-1e30, -1e4, -100, -88.8, 88.8, 100, 1e4, 1e30, -np.inf, np.inf, 0.0, 1e-6]
+    z = np.concatenate([grid, extremes]).astype(dtype)
+    sig, tnh = np.empty_like(z), np.empty_like(z)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _sigmoid_all(out, z)
-    expected = reference_sigmoid(z.astype(np.float64))
-    np.testing.assert_allclose(out, expected, rtol=1e-6 if dtype == np.float32 else 1e-14,
-                               atol=1e-30)
-    assert out[-2] == 0 and out[-1] == 1 and np.all(np.isfinite(out))
+        _activations(sig, tnh, z)
+    z64 = z.astype(np.float64)
+    np.testing.assert_allclose(sig, reference_sigmoid(z64), **ACT_TOL[dtype])
+    np.testing.assert_allclose(tnh, np.tanh(z64), **ACT_TOL[dtype])
+    assert np.all((sig >= 0) & (sig <= 1)) and np.all(np.abs(tnh) <= 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activations_propagate_nan(dtype):
+    sig, tnh = np.zeros(1, dtype), np.zeros(1, dtype)
+    _activations(sig, tnh, np.array([np.nan], dtype))
+    assert np.isnan(sig[0]) and np.isnan(tnh[0])
 
 
 def _random_csr(rng, R, C, density, dtype):
