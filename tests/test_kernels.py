@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from numba import njit
 from reference import sigmoid as reference_sigmoid
 
+import numlstm
 from numlstm import weights as W
 from numlstm.kernels import cpu as K
 
@@ -109,3 +110,29 @@ def test_gather_rows_and_add_rows():
     np.testing.assert_array_equal(out, x[[3, 1, 2, 0]])
     K.add_rows(out, np.array([1.0, 2.0, 3.0]))
     np.testing.assert_array_equal(out, x[[3, 1, 2, 0]] + [1, 2, 3])
+
+
+def test_sequence_kernels_allocate_nothing_per_time_step():
+    """NRT allocation counts of the forward and backward recurrences do not
+    grow with T: the only allocations are the fixed per-call argument wrappers."""
+    from numba.core.runtime import _nrt_python, rtsys
+
+    _nrt_python.memsys_enable_stats()
+    model = numlstm.LSTM(3, 4, proj_size=2, seed=0)
+    counts = []
+    for T in (2, 40):
+        model(np.ones((T, 2, 3), np.float32), training=True)  # fills the tape's buffers
+        v, lengths = model._tape.views, model._tape.lengths
+        forward = ((v["hs00"], v["cs00"], v["gates00"], v["rs00"], v["scratch"], lengths)
+                   + model._weight("hh", 0, 0).kernel_args() + model._proj_args(0, 0))
+        backward = ((v["dh"], v["dc"], v["gates00"], v["dhs"], v["scratch_o"], v["scratch_h"],
+                     v["dyd"], v["hs00"], v["cs00"], v["rs00"], lengths)
+                    + model._weight("hh", 0, 0).kernel_args_t()
+                    + model._proj_args(0, 0, transposed=True))
+        K.lstm_seq_forward(*forward)  # compile outside the count
+        K.lstm_seq_backward(*backward)
+        before = rtsys.get_allocation_stats().alloc
+        K.lstm_seq_forward(*forward)
+        K.lstm_seq_backward(*backward)
+        counts.append(rtsys.get_allocation_stats().alloc - before)
+    assert counts[0] == counts[1], counts
