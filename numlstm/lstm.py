@@ -279,9 +279,10 @@ class LSTM:
                          self.output_size, self.proj_size)
         G, N = 4 * H, T * B
         kmax = max(self.input_size, D * O)
+        rev = T if D == 2 else 0  # buffers only the reverse direction needs
         spec = [("y", (T, B, D * O)),  # top layer output
-                ("xrev", (T, B, kmax)),  # a layer's input, reversed per sequence
-                ("odir", (T, B, O)),  # one direction's output, before un-reversal
+                ("xrev", (rev, B, kmax)),  # a layer's input, reversed per sequence
+                ("odir", (rev, B, O)),  # reverse direction's output, before un-reversal
                 ("scratch", (B, G))]
         # Inference reuses one set of recurrence buffers for every layer and
         # direction; training keeps them all, as the tape.
@@ -297,13 +298,17 @@ class LSTM:
             if self.dropout:
                 spec += [(f"mask{l}", (T, B, D * O)) for l in range(L - 1)]
             amax = max(kmax, H)
-            spec += [("dyd", (T, B, O)), ("dytmp", (T, B, O)),
-                     ("dhs", (T if P else 0, B, O)), ("dh", (B, O)), ("dc", (B, H)),
+            spec += [("dyd", (T, B, O)),  # dy of one direction, in its time order
+                     ("dytmp", (rev, B, O)),
+                     ("dhs", (T if P else 0, B, O)),  # gradient reaching each h_t
+                     ("dh", (B, O)), ("dc", (B, H)),  # carried state gradients
                      ("scratch_o", (B, O)), ("scratch_h", (B, H)),
-                     ("dxa", (T, B, kmax)), ("dxb", (T, B, kmax)),
-                     ("dxd", (T, B, kmax)), ("dxg", (T, B, kmax)),
-                     ("gflat", (G * amax,))]
+                     ("dxb", (T, B, kmax)),  # dx of layers 0, 2, ...
+                     ("dxa", (T if L > 1 else 0, B, kmax)),  # dx of layers 1, 3, ...
+                     ("dxd", (T, B, kmax)), ("dxg", (rev, B, kmax)),  # one direction's dx
+                     ("gflat", (G * amax,))]  # dense weight-gradient scratch
             if any(isinstance(p, W.CSR) for p in self._params.values()):
+                # dz^T (G, N) and a^T (K, N): the SDDMM reads contiguous rows
                 spec += [("dz_t", (G * N,)), ("a_t", (amax * N,))]
         return spec
 
@@ -402,7 +407,7 @@ class LSTM:
         T, B, width = layer_in.shape
         x2d = layer_in.reshape(T * B, width)
         if d:
-            xr = v["xrev"].reshape(-1)[:T * B * width].reshape(T * B, width)
+            xr = _first(v["xrev"], T * B * width).reshape(T * B, width)
             K.gather_rows(xr, x2d, rev_index)
             x2d = xr
         gates = v[f"gates{tag}"]
