@@ -20,10 +20,16 @@ FAST_FLOAT32_ACTIVATIONS = os.environ.get("NUMLSTM_EXACT_ACTIVATIONS", "") == ""
 # seconds per dtype), later processes load machine code from __pycache__.
 CACHE = os.environ.get("NUMLSTM_NO_CACHE", "") == ""
 
+# Step kernels (streaming, and the recurrences of forward and backward) use
+# their parallel variant, whose CSR products split rows over threads, when one
+# step's products hold at least this many multiply-adds: entering a parallel
+# region costs ~3.5 us here, a CSR multiply-add ~1 ns. (Dense products go to
+# BLAS, which threads them itself.)
+PARALLEL_STEP_MIN_WORK = 32_768
+
 # Batched kernels (input projections over all T*B rows, weight-gradient SDDMM)
 # use the ``parallel=True`` variant when their work, counted in multiply-adds,
-# is at least this large. Numba's parallel region costs tens of microseconds to
-# enter on a small machine, so per-timestep kernels are always serial.
+# is at least this large.
 PARALLEL_MIN_WORK = 2_000_000
 
 # Relative tolerances used by tests when comparing float32 results to the

@@ -9,6 +9,7 @@ import numpy as np
 
 from numlstm import weights as W
 from numlstm.kernels import cpu as K
+from numlstm.lstm import pick_variant
 from numlstm.workspace import Workspace
 
 
@@ -66,15 +67,18 @@ class Stream:
         no_bias = np.zeros(0, m.dtype)
         no_proj = W.Dense(np.zeros((0, 0), m.dtype)).kernel_args()
         self._calls = []
+        B = self.batch_size
         for l in range(m.num_layers):
+            work = B * (m._weight("ih", l, 0).nnz + m._recurrent_nnz(l, 0))
+            kernel = pick_variant(K.lstm_step, K.lstm_step_parallel, work)
             b_ih, b_hh = m._biases(l, 0)
             x = self._x if l == 0 else self._h_layers[l - 1]
-            self._calls.append(
-                (self._h_layers[l], self._c_layers[l], self._gates, self._r, x)
+            self._calls.append((kernel, (
+                self._h_layers[l], self._c_layers[l], self._gates, self._r, x)
                 + m._weight("ih", l, 0).kernel_args()
                 + ((no_bias, no_bias) if b_ih is None else (b_ih, b_hh))
                 + m._weight("hh", l, 0).kernel_args()
-                + (m._weight("hr", l, 0).kernel_args() if m.proj_size else no_proj))
+                + (m._weight("hr", l, 0).kernel_args() if m.proj_size else no_proj)))
         self._version = m.version
 
     def reset(self, state=None):
@@ -114,6 +118,6 @@ class Stream:
             np.copyto(x, x_t)
         else:
             np.copyto(x, W.check_float_array(x_t, "x_t", x.shape, x.dtype))
-        for args in self._calls:
-            K.lstm_step(*args)
+        for kernel, args in self._calls:
+            kernel(*args)
         return self._h_layers[-1]

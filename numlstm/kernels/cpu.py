@@ -32,16 +32,21 @@ _OPTS = {"cache": config.CACHE, "fastmath": config.FASTMATH, "nogil": True,
          "error_model": "numpy"}
 
 
-def _variants(fn):
-    """Compile ``fn`` twice from one source: serial and ``parallel=True``.
+def _variants(fn, parallel_calls=None):
+    """Compile ``fn`` twice from one source: a serial and a parallel variant.
 
-    The parallel copy gets its own qualified name so that numba's on-disk
-    cache, which is keyed by qualified name, keeps the two apart.
+    Without ``parallel_calls`` the parallel variant is ``parallel=True``: its
+    own prange loops split the work over threads. With ``parallel_calls`` (a
+    dict name -> function) it is an ordinary kernel whose globals have those
+    names swapped for parallel helpers, which is where its threads work.
+    The copy gets its own qualified name so that numba's on-disk cache, keyed
+    by qualified name, keeps the two apart.
     """
-    par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_parallel",
+    glb = dict(fn.__globals__, **(parallel_calls or {}))
+    par = types.FunctionType(fn.__code__, glb, fn.__name__ + "_parallel",
                              fn.__defaults__, fn.__closure__)
     par.__qualname__ = fn.__qualname__ + "_parallel"
-    return njit(**_OPTS)(fn), njit(parallel=True, **_OPTS)(par)
+    return njit(**_OPTS)(fn), njit(parallel=parallel_calls is None, **_OPTS)(par)
 
 
 # ----------------------------------------------------------------------------
@@ -121,46 +126,61 @@ else:
 # ----------------------------------------------------------------------------
 
 @njit(inline="always", **_OPTS)
-def _csr_rows(out, x, data, indices, indptr, n):
-    """out[n, r] = sum_k data[k] * x[n, indices[k]] over row r's stored values."""
-    zero = out.dtype.type(0)
-    xn, on = x[n], out[n]
-    for r in range(indptr.shape[0] - 1):
-        start, end = indptr[r], indptr[r + 1]
-        # Slicing the row and indexing through an unsigned index (the indices
-        # are validated non-negative) drops numba's negative-index fix-up and
-        # lets LLVM unroll and vectorise: 2-3x faster than the plain loop.
-        row_data, row_idx = data[start:end], indices[start:end]
-        acc = zero
-        for k in range(end - start):
-            acc += row_data[k] * xn[np.uint32(row_idx[k])]
-        on[r] = acc
+def _csr_row_dot(xn, data, indices, start, end):
+    """sum_k data[k] * xn[indices[k]] over one CSR row, k in [start, end)."""
+    # Slicing the row and indexing through an unsigned index (the indices are
+    # validated non-negative) drops numba's negative-index fix-up and lets
+    # LLVM unroll and vectorise: 2-3x faster than the plain loop.
+    row_data, row_idx = data[start:end], indices[start:end]
+    acc = xn.dtype.type(0)
+    for k in range(end - start):
+        acc += row_data[k] * xn[np.uint32(row_idx[k])]
+    return acc
 
 
-@njit(**_OPTS)
-def matmul(out, x, dense, data, indices, indptr):
-    """out (N, R) = x (N, K) @ W^T, W (R, K) dense or CSR. Serial: per step."""
+def _csr_rows(out, x, data, indices, indptr):
+    """out (N, R) = x (N, K) @ W^T for CSR W and a small N (one step's batch):
+    rows of W split over threads in the parallel variant."""
+    for n in range(x.shape[0]):
+        xn, on = x[n], out[n]
+        for r in prange(indptr.shape[0] - 1):
+            on[r] = _csr_row_dot(xn, data, indices, indptr[r], indptr[r + 1])
+
+
+csr_rows, csr_rows_parallel = _variants(_csr_rows)
+
+
+def _matmul(out, x, dense, data, indices, indptr):
+    """out (N, R) = x (N, K) @ W^T, W (R, K) dense (BLAS, which has its own
+    threads) or CSR (our row loop): a per-step product."""
     if dense.shape[0] > 0:
         np.dot(x, dense.T, out)
     else:
-        for n in range(x.shape[0]):
-            _csr_rows(out, x, data, indices, indptr, n)
+        csr_rows(out, x, data, indices, indptr)
 
 
-@njit(**_OPTS)
-def matmul_t(out, x, dense, data_t, indices_t, indptr_t):
-    """out (N, K) = x (N, R) @ W, W (R, K): dense W, or the CSR pattern of W^T."""
+matmul, matmul_parallel = _variants(_matmul, {"csr_rows": csr_rows_parallel})
+
+
+def _matmul_t(out, x, dense, data_t, indices_t, indptr_t):
+    """out (N, K) = x (N, R) @ W, W (R, K): dense W (BLAS), or the CSR pattern of W^T."""
     if dense.shape[0] > 0:
         np.dot(x, dense, out)
     else:
-        for n in range(x.shape[0]):
-            _csr_rows(out, x, data_t, indices_t, indptr_t, n)
+        csr_rows(out, x, data_t, indices_t, indptr_t)
+
+
+matmul_t, matmul_t_parallel = _variants(_matmul_t, {"csr_rows": csr_rows_parallel})
+_PARALLEL_PRODUCTS = {"matmul": matmul_parallel, "matmul_t": matmul_t_parallel}
 
 
 def _csr_matmul_batch(out, x, data, indices, indptr):
-    """out (N, R) = x (N, K) @ W^T for CSR W (R, K); rows of x split over threads."""
+    """out (N, R) = x (N, K) @ W^T for CSR W (R, K), N = T*B large: rows of x
+    split over threads."""
     for n in prange(x.shape[0]):
-        _csr_rows(out, x, data, indices, indptr, n)
+        xn = x[n]
+        for r in range(indptr.shape[0] - 1):
+            out[n, r] = _csr_row_dot(xn, data, indices, indptr[r], indptr[r + 1])
 
 
 csr_matmul_batch, csr_matmul_batch_parallel = _variants(_csr_matmul_batch)
@@ -214,8 +234,21 @@ def _cell_forward(c_out, act, r_out, c_prev, b):
         r_out[b, j] = o * tanh(c)
 
 
-@njit(**_OPTS)
-def lstm_step(h, c, gates, r, x,
+@njit(inline="always", **_OPTS)
+def _carry(act, cs, hs, rs, t, b, projected):
+    """Padding step t of row b: activations zero, state carried unchanged."""
+    for q in range(act.shape[1]):
+        act[b, q] = 0
+    for j in range(cs.shape[2]):
+        cs[t + 1, b, j] = cs[t, b, j]
+        if projected:
+            rs[t, b, j] = 0
+    if not projected:
+        for j in range(hs.shape[2]):
+            hs[t + 1, b, j] = hs[t, b, j]
+
+
+def _lstm_step(h, c, gates, r, x,
               wih, wih_data, wih_indices, wih_indptr, bias_ih, bias_hh,
               whh, whh_data, whh_indices, whh_indptr,
               whr, whr_data, whr_indices, whr_indptr):
@@ -247,8 +280,10 @@ def lstm_step(h, c, gates, r, x,
         matmul(h, r, whr, whr_data, whr_indices, whr_indptr)
 
 
-@njit(**_OPTS)
-def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths,
+lstm_step, lstm_step_parallel = _variants(_lstm_step, _PARALLEL_PRODUCTS)
+
+
+def _lstm_seq_forward(hs, cs, gates, rs, scratch, lengths,
                      whh, whh_data, whh_indices, whh_indptr,
                      whr, whr_data, whr_indices, whr_indptr):
     """Forward recurrence of one layer and direction over a whole sequence.
@@ -276,21 +311,19 @@ def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths,
                 else:
                     _cell_forward(cs[t + 1], act, hs[t + 1], cs[t], b)
             else:
-                act[b, :] = 0
-                cs[t + 1, b, :] = cs[t, b, :]
-                if projected:
-                    rs[t, b, :] = 0
-                else:
-                    hs[t + 1, b, :] = hs[t, b, :]
+                _carry(act, cs, hs, rs, t, b, projected)
         if projected:
             matmul(hs[t + 1], rs[t], whr, whr_data, whr_indices, whr_indptr)
             for b in range(act.shape[0]):
                 if t >= lengths[b]:
-                    hs[t + 1, b, :] = hs[t, b, :]
+                    for j in range(hs.shape[2]):
+                        hs[t + 1, b, j] = hs[t, b, j]
 
 
-@njit(**_OPTS)
-def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
+lstm_seq_forward, lstm_seq_forward_parallel = _variants(_lstm_seq_forward, _PARALLEL_PRODUCTS)
+
+
+def _lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
                       dy, hs, cs, rs, lengths,
                       whh, whh_data_t, whh_indices_t, whh_indptr_t,
                       whr, whr_data_t, whr_indices_t, whr_indptr_t):
@@ -313,11 +346,9 @@ def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
         # dcur: gradient reaching h_t, from the output and from step t+1.
         dcur = dhs[t] if projected else scratch_o
         for b in range(act.shape[0]):
-            if t < lengths[b]:
-                for j in range(dcur.shape[1]):
-                    dcur[b, j] = dh[b, j] + dy[t, b, j]
-            else:
-                dcur[b, :] = 0
+            valid = t < lengths[b]
+            for j in range(dcur.shape[1]):
+                dcur[b, j] = dh[b, j] + dy[t, b, j] if valid else 0
         if projected:
             matmul_t(scratch_h, dcur, whr, whr_data_t, whr_indices_t, whr_indptr_t)
             dr = scratch_h
@@ -341,7 +372,12 @@ def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
         matmul_t(scratch_o, act, whh, whh_data_t, whh_indices_t, whh_indptr_t)
         for b in range(act.shape[0]):
             if t < lengths[b]:
-                dh[b, :] = scratch_o[b, :]
+                for j in range(dh.shape[1]):
+                    dh[b, j] = scratch_o[b, j]
+
+
+lstm_seq_backward, lstm_seq_backward_parallel = _variants(_lstm_seq_backward,
+                                                        _PARALLEL_PRODUCTS)
 
 
 # ----------------------------------------------------------------------------
