@@ -127,3 +127,22 @@ def test_step_allocates_nothing(sparse, P):
         tracemalloc.stop()
     assert end - start <= 0, end - start
     assert peak - start < 1024, peak - start
+
+
+def test_streams_of_one_model_run_concurrently_in_threads():
+    """Streams own their buffers and kernels release the GIL: four threads,
+    each stepping its own stream of one shared model, match a lone stream."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = numlstm.LSTM(8, 16, num_layers=2, seed=0)
+    xs = np.random.default_rng(0).standard_normal((4, 200, 2, 8)).astype(np.float32)
+
+    def run(k):
+        s = m.stream(2)
+        return np.stack([s.step(xs[k, t]).copy() for t in range(xs.shape[1])])
+
+    alone = [run(k) for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, range(4)))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, b)
