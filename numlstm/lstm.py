@@ -113,6 +113,7 @@ class LSTM:
         params = {}
         for name, shape in self._param_shapes().items():
             params[name] = self._rng.uniform(-k, k, shape).astype(self.dtype)
+        self._no_bias = np.zeros(4 * self.hidden_size, self.dtype)  # read-only zeros
         self._train_ws = Workspace(self.dtype)
         self._infer_ws = Workspace(self.dtype)
         self._set_params(params)
@@ -210,8 +211,9 @@ class LSTM:
         return self._params[f"weight_{kind}_l{layer}{'_reverse' if d else ''}"]
 
     def _biases(self, layer, d):
+        """(bias_ih, bias_hh) of a layer and direction; zeros without bias."""
         if not self.bias:
-            return None, None
+            return self._no_bias, self._no_bias
         sfx = "_reverse" if d else ""
         return self._params[f"bias_ih_l{layer}{sfx}"], self._params[f"bias_hh_l{layer}{sfx}"]
 
@@ -413,14 +415,11 @@ class LSTM:
         gates = v[f"gates{tag}"]
         G = gates.shape[2]
         _matmul_batch(gates.reshape(T * B, G), x2d, self._weight("ih", l, d))
-        b_ih, b_hh = self._biases(l, d)
-        if b_ih is not None:
-            K.add_rows(gates.reshape(T * B, G), b_ih)
-            K.add_rows(gates.reshape(T * B, G), b_hh)
         # Arguments go as one prebuilt tuple: numba 0.68 leaks ~30 bytes per
         # array when positional and *-unpacked arguments are mixed in a call.
         args = ((v[f"hs{tag}"], v[f"cs{tag}"], gates, v[f"rs{tag}"], v["scratch"], lengths)
-                + self._weight("hh", l, d).kernel_args() + self._proj_args(l, d))
+                + self._biases(l, d) + self._weight("hh", l, d).kernel_args()
+                + self._proj_args(l, d))
         kernel = pick_variant(K.lstm_seq_forward, K.lstm_seq_forward_parallel,
                               B * self._recurrent_nnz(l, d))
         kernel(*args)

@@ -64,19 +64,17 @@ class Stream:
         positional and *-unpacked arguments are mixed: lstm_step has 19.)
         """
         m = self.model
-        no_bias = np.zeros(0, m.dtype)
         no_proj = W.Dense(np.zeros((0, 0), m.dtype)).kernel_args()
         self._calls = []
         B = self.batch_size
         for l in range(m.num_layers):
             work = B * (m._weight("ih", l, 0).nnz + m._recurrent_nnz(l, 0))
             kernel = pick_variant(K.lstm_step, K.lstm_step_parallel, work)
-            b_ih, b_hh = m._biases(l, 0)
             x = self._x if l == 0 else self._h_layers[l - 1]
             self._calls.append((kernel, (
                 self._h_layers[l], self._c_layers[l], self._gates, self._r, x)
                 + m._weight("ih", l, 0).kernel_args()
-                + ((no_bias, no_bias) if b_ih is None else (b_ih, b_hh))
+                + m._biases(l, 0)
                 + m._weight("hh", l, 0).kernel_args()
                 + (m._weight("hr", l, 0).kernel_args() if m.proj_size else no_proj)))
         self._version = m.version

@@ -105,13 +105,11 @@ def test_transposed_pattern_refreshes_after_in_place_updates():
     np.testing.assert_allclose(out, x @ (-3.0 * dense), atol=1e-12)
 
 
-def test_gather_rows_and_add_rows():
+def test_gather_rows():
     x = np.arange(12.0).reshape(4, 3)
     out = np.empty_like(x)
     K.gather_rows(out, x, np.array([3, 1, 2, 0]))
     np.testing.assert_array_equal(out, x[[3, 1, 2, 0]])
-    K.add_rows(out, np.array([1.0, 2.0, 3.0]))
-    np.testing.assert_array_equal(out, x[[3, 1, 2, 0]] + [1, 2, 3])
 
 
 def test_sequence_kernels_allocate_nothing_per_time_step():
@@ -126,7 +124,8 @@ def test_sequence_kernels_allocate_nothing_per_time_step():
         model(np.ones((T, 2, 3), np.float32), training=True)  # fills the tape's buffers
         v, lengths = model._tape.views, model._tape.lengths
         forward = ((v["hs00"], v["cs00"], v["gates00"], v["rs00"], v["scratch"], lengths)
-                   + model._weight("hh", 0, 0).kernel_args() + model._proj_args(0, 0))
+                   + model._biases(0, 0) + model._weight("hh", 0, 0).kernel_args()
+                   + model._proj_args(0, 0))
         backward = ((v["dh"], v["dc"], v["gates00"], v["dhs"], v["scratch_o"], v["scratch_h"],
                      v["dyd"], v["hs00"], v["cs00"], v["rs00"], lengths)
                     + model._weight("hh", 0, 0).kernel_args_t()

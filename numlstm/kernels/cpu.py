@@ -216,18 +216,18 @@ sddmm_acc, sddmm_acc_parallel = _variants(_sddmm_acc)
 # 5x faster than the same loops written over 2-D arrays inside the kernels.
 
 @njit(**_OPTS)
-def _cell_forward(c_out, act, r_out, c_prev, rec):
+def _cell_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh):
     """Gate nonlinearities and cell update of one batch row, in place.
 
-    act (G,) holds the input part of the pre-activations on entry (bias
-    included) and the activations i, f, g, o on exit; rec (G,) is the
-    recurrent part, added here; c_out (H,) = f*c_prev + i*g and r_out (H,) =
-    o*tanh(c) (r_out is h itself when there is no projection). c_out may be
-    c_prev.
+    act (G,) holds the input product x_t W_ih^T on entry and the activations
+    i, f, g, o on exit; rec (G,) = h_{t-1} W_hh^T and the biases (G,) (zeros
+    for a model without bias) are added here; c_out (H,) = f*c_prev + i*g and
+    r_out (H,) = o*tanh(c) (r_out is h itself when there is no projection).
+    c_out may be c_prev.
     """
     H = c_out.shape[0]
     for q in range(act.shape[0]):
-        act[q] += rec[q]
+        act[q] += rec[q] + bias_ih[q] + bias_hh[q]
     for j in range(H):
         i = sigmoid(act[j])
         f = sigmoid(act[H + j])
@@ -290,20 +290,17 @@ def _lstm_step(h, c, gates, r, x,
     overwritten with h_t, c_t; gates (2, B, G): [0] receives the gate
     activations, [1] is scratch for the recurrent product; r (B, H)
     (= o*tanh(c), the projection's input; (0, H) when P = 0); x (B, K);
-    bias_ih, bias_hh (G,), or both (0,) for a model without bias; W_ih (G, K),
+    bias_ih, bias_hh (G,) (zeros for a model without bias); W_ih (G, K),
     W_hh (G, O), W_hr (P, H) (any arrays when P = 0).
     Both products read h before the cell update writes it.
     """
     act, rec = gates[0], gates[1]
     matmul(act, x, wih, wih_data, wih_indices, wih_indptr)
     matmul(rec, h, whh, whh_data, whh_indices, whh_indptr)
-    has_bias = bias_ih.shape[0] > 0
     projected = r.shape[0] > 0
     for b in range(act.shape[0]):
-        if has_bias:
-            for q in range(act.shape[1]):
-                act[b, q] += bias_ih[q] + bias_hh[q]
-        _cell_forward(c[b], act[b], r[b] if projected else h[b], c[b], rec[b])
+        _cell_forward(c[b], act[b], r[b] if projected else h[b], c[b], rec[b],
+                      bias_ih, bias_hh)
     if projected:
         matmul(h, r, whr, whr_data, whr_indices, whr_indptr)
 
@@ -311,16 +308,17 @@ def _lstm_step(h, c, gates, r, x,
 lstm_step, lstm_step_parallel = _variants(_lstm_step, _PARALLEL_PRODUCTS)
 
 
-def _lstm_seq_forward(hs, cs, gates, rs, scratch, lengths,
-                     whh, whh_data, whh_indices, whh_indptr,
-                     whr, whr_data, whr_indices, whr_indptr):
+def _lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
+                      whh, whh_data, whh_indices, whh_indptr,
+                      whr, whr_data, whr_indices, whr_indptr):
     """Forward recurrence of one layer and direction over a whole sequence.
 
     Shapes: hs (T+1, B, O) and cs (T+1, B, H) with hs[0], cs[0] = h0, c0 on
     entry and hs[t+1], cs[t+1] the state after step t on exit; gates (T, B, G)
-    holds x_t W_ih^T + b on entry and the activations i, f, g, o on exit;
+    holds x_t W_ih^T on entry and the activations i, f, g, o on exit;
     rs (T, B, H) receives o*tanh(c) when projecting (else (0, B, H));
-    scratch (B, G); lengths (B,) int64 in [0, T].
+    scratch (B, G); lengths (B,) int64 in [0, T]; bias_ih, bias_hh (G,)
+    (zeros for a model without bias).
 
     Steps t >= lengths[b] are padding: row b's state is carried unchanged and
     its activations are set to zero.
@@ -333,7 +331,7 @@ def _lstm_seq_forward(hs, cs, gates, rs, scratch, lengths,
         for b in range(act.shape[0]):
             if t < lengths[b]:
                 _cell_forward(cs[t + 1, b], act[b], rs[t, b] if projected else hs[t + 1, b],
-                              cs[t, b], scratch[b])
+                              cs[t, b], scratch[b], bias_ih, bias_hh)
             else:
                 _carry(act, cs, hs, rs, t, b, projected)
         if projected:
@@ -394,14 +392,6 @@ lstm_seq_backward, lstm_seq_backward_parallel = _variants(_lstm_seq_backward,
 # ----------------------------------------------------------------------------
 # Small helpers for the drivers
 # ----------------------------------------------------------------------------
-
-@njit(**_OPTS)
-def add_rows(out, v):
-    """out (N, R) += v (R,) on every row (bias add without a temporary)."""
-    for n in range(out.shape[0]):
-        for r in range(out.shape[1]):
-            out[n, r] += v[r]
-
 
 @njit(**_OPTS)
 def gather_rows(out, x, index):
