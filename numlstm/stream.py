@@ -43,7 +43,7 @@ class Stream:
         self._ws = Workspace(model.dtype)
         v = self._ws.carve([("h", (L, B, O)),  # state h_t of every layer
                             ("c", (L, B, H)),  # state c_t of every layer
-                            ("gates", (2, B, 4 * H)),  # activations | recurrent product
+                            ("gates", (3, B, 4 * H)),  # activations | recurrent | new c
                             ("r", (B if P else 0, H)),  # o * tanh(c), the projection's input
                             ("x", (B, model.input_size))])  # converted input, when needed
         self._h, self._c = v["h"], v["c"]

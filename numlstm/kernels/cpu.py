@@ -223,9 +223,10 @@ def _cell_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh):
     i, f, g, o on exit; rec (G,) = h_{t-1} W_hh^T and the biases (G,) (zeros
     for a model without bias) are added here; c_out (H,) = f*c_prev + i*g and
     r_out (H,) = o*tanh(c) (r_out is h itself when there is no projection).
-    c_out may be c_prev.
+    c_out must not overlap c_prev: LLVM's runtime alias check would then fall
+    back to scalar code, 4x slower.
     """
-    H = c_out.shape[0]
+    H = act.shape[0] // 4
     for q in range(act.shape[0]):
         act[q] += rec[q] + bias_ih[q] + bias_hh[q]
     for j in range(H):
@@ -287,20 +288,23 @@ def _lstm_step(h, c, gates, r, x,
     """One LSTM step for a whole batch, state updated in place (streaming).
 
     Shapes: h (B, O) and c (B, H) state, read as h_{t-1}, c_{t-1} and
-    overwritten with h_t, c_t; gates (2, B, G): [0] receives the gate
-    activations, [1] is scratch for the recurrent product; r (B, H)
+    overwritten with h_t, c_t; gates (3, B, G): [0] receives the gate
+    activations, [1] is scratch for the recurrent product, [2] for c_t before
+    it is copied into c; r (B, H)
     (= o*tanh(c), the projection's input; (0, H) when P = 0); x (B, K);
     bias_ih, bias_hh (G,) (zeros for a model without bias); W_ih (G, K),
     W_hh (G, O), W_hr (P, H) (any arrays when P = 0).
     Both products read h before the cell update writes it.
     """
-    act, rec = gates[0], gates[1]
+    act, rec, c_new = gates[0], gates[1], gates[2]
     matmul(act, x, wih, wih_data, wih_indices, wih_indptr)
     matmul(rec, h, whh, whh_data, whh_indices, whh_indptr)
     projected = r.shape[0] > 0
     for b in range(act.shape[0]):
-        _cell_forward(c[b], act[b], r[b] if projected else h[b], c[b], rec[b],
+        _cell_forward(c_new[b], act[b], r[b] if projected else h[b], c[b], rec[b],
                       bias_ih, bias_hh)
+        for j in range(c.shape[1]):
+            c[b, j] = c_new[b, j]
     if projected:
         matmul(h, r, whr, whr_data, whr_indices, whr_indptr)
 
