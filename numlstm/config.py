@@ -20,15 +20,11 @@ FAST_FLOAT32_ACTIVATIONS = os.environ.get("NUMLSTM_EXACT_ACTIVATIONS", "") == ""
 # seconds per dtype), later processes load machine code from __pycache__.
 CACHE = os.environ.get("NUMLSTM_NO_CACHE", "") == ""
 
-# Step kernels (streaming, and the recurrences of forward and backward) use
-# their parallel variant, whose CSR products split rows over threads, when one
-# step's products hold at least this many multiply-adds. Entering a parallel
-# region costs ~3.5 us here and a CSR multiply-add ~1 ns, but on a shared
-# 2-core machine a step waits for the slower thread: at H=256, B=1 (33k
-# multiply-adds) the parallel step measured 36-128 us against a steady 54 us
-# serial, so only steps of hundreds of microseconds go parallel. (Dense
-# products go to BLAS, which threads them itself.)
-PARALLEL_STEP_MIN_WORK = 262_144
+# Per-step kernels (streaming, and the recurrences of forward and backward)
+# are serial: a parallel region costs ~3.5 us to enter, and on a shared 2-core
+# machine a step waits for the slower thread (H=256, B=1: 36-128 us parallel
+# against a steady 54 us serial). Dense per-step products go to BLAS, which
+# threads them itself.
 
 # Batched kernels (input projections over all T*B rows, weight-gradient SDDMM)
 # use the ``parallel=True`` variant when their work, counted in multiply-adds,

@@ -420,14 +420,7 @@ class LSTM:
         args = ((v[f"hs{tag}"], v[f"cs{tag}"], gates, v[f"rs{tag}"], v["scratch"], lengths)
                 + self._biases(l, d) + self._weight("hh", l, d).kernel_args()
                 + self._proj_args(l, d))
-        kernel = pick_variant(K.lstm_seq_forward, K.lstm_seq_forward_parallel,
-                              B * self._recurrent_nnz(l, d))
-        kernel(*args)
-
-    def _recurrent_nnz(self, l, d):
-        """Multiply-adds per batch row of one recurrent step (W_hh, and W_hr)."""
-        nnz = self._weight("hh", l, d).nnz
-        return nnz + (self._weight("hr", l, d).nnz if self.proj_size else 0)
+        K.lstm_seq_forward(*args)
 
     def _proj_args(self, l, d, transposed=False):
         if not self.proj_size:
@@ -519,9 +512,7 @@ class LSTM:
                  v["dyd"], hs, v[f"cs{tag}"], rs, tape.lengths)
                 + self._weight("hh", l, d).kernel_args_t()
                 + self._proj_args(l, d, transposed=True))
-        kernel = pick_variant(K.lstm_seq_backward, K.lstm_seq_backward_parallel,
-                              B * self._recurrent_nnz(l, d))
-        kernel(*args)
+        K.lstm_seq_backward(*args)
         G, width = gates.shape[2], dx_l.shape[2]
         dz = gates.reshape(N, G)
         x2d = (v["x0"] if l == 0 else v[f"x{l}"]).reshape(N, width)
@@ -588,12 +579,6 @@ class LSTM:
                 f"bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
                 f"bidirectional={self.bidirectional}, proj_size={self.proj_size}, "
                 f"dtype={self.dtype.name}, weights={'+'.join(kinds)})")
-
-
-def pick_variant(serial, parallel, work):
-    """The parallel variant of a step kernel when one step does enough work
-    (multiply-adds) to pay for entering a parallel region."""
-    return parallel if work >= config.PARALLEL_STEP_MIN_WORK else serial
 
 
 def _first(buf, n):

@@ -9,7 +9,6 @@ import numpy as np
 
 from numlstm import weights as W
 from numlstm.kernels import cpu as K
-from numlstm.lstm import pick_variant
 from numlstm.workspace import Workspace
 
 
@@ -66,17 +65,14 @@ class Stream:
         m = self.model
         no_proj = W.Dense(np.zeros((0, 0), m.dtype)).kernel_args()
         self._calls = []
-        B = self.batch_size
         for l in range(m.num_layers):
-            work = B * (m._weight("ih", l, 0).nnz + m._recurrent_nnz(l, 0))
-            kernel = pick_variant(K.lstm_step, K.lstm_step_parallel, work)
             x = self._x if l == 0 else self._h_layers[l - 1]
-            self._calls.append((kernel, (
+            self._calls.append((
                 self._h_layers[l], self._c_layers[l], self._gates, self._r, x)
                 + m._weight("ih", l, 0).kernel_args()
                 + m._biases(l, 0)
                 + m._weight("hh", l, 0).kernel_args()
-                + (m._weight("hr", l, 0).kernel_args() if m.proj_size else no_proj)))
+                + (m._weight("hr", l, 0).kernel_args() if m.proj_size else no_proj))
         self._version = m.version
 
     def reset(self, state=None):
@@ -116,6 +112,6 @@ class Stream:
             np.copyto(x, x_t)
         else:
             np.copyto(x, W.check_float_array(x_t, "x_t", x.shape, x.dtype))
-        for kernel, args in self._calls:
-            kernel(*args)
+        for args in self._calls:
+            K.lstm_step(*args)
         return self._h_layers[-1]

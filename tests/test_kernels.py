@@ -67,15 +67,13 @@ def test_products_match_numpy(shape, seed):
     xr = rng.standard_normal((N, R)).astype(dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     for weight in (w, W.Dense(dense.copy())):
-        for matmul, matmul_t in ((K.matmul, K.matmul_t), (K.matmul_parallel, K.matmul_t_parallel)):
-            out = np.full((N, R), np.nan, dtype)
-            matmul(out, x, *weight.kernel_args())
-            np.testing.assert_allclose(out, x @ dense.T, **tol)
-            out_t = np.full((N, C), np.nan, dtype)
-            matmul_t(out_t, xr, *weight.kernel_args_t())
-            np.testing.assert_allclose(out_t, xr @ dense, **tol)
-    for kernel in (K.csr_rows, K.csr_rows_parallel, K.csr_matmul_batch,
-                   K.csr_matmul_batch_parallel):
+        out = np.full((N, R), np.nan, dtype)
+        K.matmul(out, x, *weight.kernel_args())
+        np.testing.assert_allclose(out, x @ dense.T, **tol)
+        out_t = np.full((N, C), np.nan, dtype)
+        K.matmul_t(out_t, xr, *weight.kernel_args_t())
+        np.testing.assert_allclose(out_t, xr @ dense, **tol)
+    for kernel in (K.csr_rows, K.csr_matmul_batch, K.csr_matmul_batch_parallel):
         out = np.full((N, R), np.nan, dtype)
         kernel(out, x, *w.kernel_args()[1:])
         np.testing.assert_allclose(out, x @ dense.T, **tol)
@@ -130,12 +128,10 @@ def test_sequence_kernels_allocate_nothing_per_time_step():
                      v["dyd"], v["hs00"], v["cs00"], v["rs00"], lengths)
                     + model._weight("hh", 0, 0).kernel_args_t()
                     + model._proj_args(0, 0, transposed=True))
-        kernels = (K.lstm_seq_forward, K.lstm_seq_forward_parallel,
-                   K.lstm_seq_backward, K.lstm_seq_backward_parallel)
-        for kernel, args in zip(kernels, (forward, forward, backward, backward), strict=True):
-            kernel(*args)  # compile outside the count
+        K.lstm_seq_forward(*forward)  # compile outside the count
+        K.lstm_seq_backward(*backward)
         before = rtsys.get_allocation_stats().alloc
-        for kernel, args in zip(kernels, (forward, forward, backward, backward), strict=True):
-            kernel(*args)
+        K.lstm_seq_forward(*forward)
+        K.lstm_seq_backward(*backward)
         counts.append(rtsys.get_allocation_stats().alloc - before)
     assert counts[0] == counts[1], counts

@@ -238,30 +238,3 @@ def test_weight_bytes_counts_what_is_stored():
     m.load_state_dict(state)
     nnz = state["weight_hh_l0"].nnz
     assert m.weight_bytes() == dense - 64 * 16 * 4 + nnz * 8 + 65 * 4
-
-
-@pytest.mark.parametrize("min_work", [0, 10**12])
-def test_parallel_and_serial_step_kernels_agree_with_the_reference(monkeypatch, min_work):
-    """Force every step kernel onto its parallel (0) or serial (huge) variant."""
-    from numlstm import config
-
-    monkeypatch.setattr(config, "PARALLEL_STEP_MIN_WORK", min_work)
-    cfg = Config(T=5, B=3, I=3, H=6, P=2, L=2, D=2, bias=True, sparsity=0.5,
-                 sparse_kinds=(True, True, True), lengths=np.array([5, 2, 4]),
-                 dtype=np.float64, seed=4)
-    m, x, h0, c0, rng = build(cfg)
-    y, (h_n, c_n) = m(x, (h0, c0), lengths=cfg.lengths, training=True)
-    dy = rng.standard_normal(y.shape)
-    dx, (dh0, dc0) = m.backward(dy)
-    ry, rh, rc, cache = lstm_forward(dense64(m.state_dict()), x, h0=h0, c0=c0,
-                                     **ref_kwargs(cfg))
-    rdx, rdh0, rdc0, rgrads = lstm_backward(cache, dy)
-    for a, b in ((y, ry), (h_n, rh), (c_n, rc), (dx, rdx), (dh0, rdh0), (dc0, rdc0)):
-        np.testing.assert_allclose(a, b, **TOL[np.float64])
-    assert_grads_match(m, rgrads, TOL[np.float64])
-    cfg.D = 1
-    m, x, h0, c0, _ = build(cfg)
-    y, _ = m(x)
-    s = m.stream(cfg.B)
-    np.testing.assert_allclose(np.stack([s.step(x[t]).copy() for t in range(cfg.T)]), y,
-                               **TOL[np.float64])

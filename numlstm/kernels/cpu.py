@@ -32,21 +32,18 @@ _OPTS = {"cache": config.CACHE, "fastmath": config.FASTMATH, "nogil": True,
          "error_model": "numpy"}
 
 
-def _variants(fn, parallel_calls=None):
-    """Compile ``fn`` twice from one source: a serial and a parallel variant.
+def _variants(fn):
+    """Compile ``fn`` twice from one source: serial and ``parallel=True``.
 
-    Without ``parallel_calls`` the parallel variant is ``parallel=True``: its
-    own prange loops split the work over threads. With ``parallel_calls`` (a
-    dict name -> function) it is an ordinary kernel whose globals have those
-    names swapped for parallel helpers, which is where its threads work.
-    The copy gets its own qualified name so that numba's on-disk cache, keyed
-    by qualified name, keeps the two apart.
+    The parallel copy gets its own qualified name so that numba's on-disk
+    cache, keyed by qualified name, keeps the two apart. Only Python calls a
+    parallel variant: a cached kernel that calls a ``parallel=True`` function
+    loaded from the cache segfaulted here (numba 0.68), so no kernel does.
     """
-    glb = dict(fn.__globals__, **(parallel_calls or {}))
-    par = types.FunctionType(fn.__code__, glb, fn.__name__ + "_parallel",
+    par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_parallel",
                              fn.__defaults__, fn.__closure__)
     par.__qualname__ = fn.__qualname__ + "_parallel"
-    return njit(**_OPTS)(fn), njit(parallel=parallel_calls is None, **_OPTS)(par)
+    return njit(**_OPTS)(fn), njit(parallel=True, **_OPTS)(par)
 
 
 # ----------------------------------------------------------------------------
@@ -138,19 +135,17 @@ def _csr_row_dot(xn, data, indices, start, end):
     return acc
 
 
-def _csr_rows(out, x, data, indices, indptr):
-    """out (N, R) = x (N, K) @ W^T for CSR W and a small N (one step's batch):
-    rows of W split over threads in the parallel variant."""
+@njit(**_OPTS)
+def csr_rows(out, x, data, indices, indptr):
+    """out (N, R) = x (N, K) @ W^T for CSR W and a small N (one step's batch)."""
     for n in range(x.shape[0]):
         xn, on = x[n], out[n]
-        for r in prange(indptr.shape[0] - 1):
+        for r in range(indptr.shape[0] - 1):
             on[r] = _csr_row_dot(xn, data, indices, indptr[r], indptr[r + 1])
 
 
-csr_rows, csr_rows_parallel = _variants(_csr_rows)
-
-
-def _matmul(out, x, dense, data, indices, indptr):
+@njit(**_OPTS)
+def matmul(out, x, dense, data, indices, indptr):
     """out (N, R) = x (N, K) @ W^T, W (R, K) dense (BLAS, which has its own
     threads) or CSR (our row loop): a per-step product."""
     if dense.shape[0] > 0:
@@ -159,19 +154,13 @@ def _matmul(out, x, dense, data, indices, indptr):
         csr_rows(out, x, data, indices, indptr)
 
 
-matmul, matmul_parallel = _variants(_matmul, {"csr_rows": csr_rows_parallel})
-
-
-def _matmul_t(out, x, dense, data_t, indices_t, indptr_t):
+@njit(**_OPTS)
+def matmul_t(out, x, dense, data_t, indices_t, indptr_t):
     """out (N, K) = x (N, R) @ W, W (R, K): dense W (BLAS), or the CSR pattern of W^T."""
     if dense.shape[0] > 0:
         np.dot(x, dense, out)
     else:
         csr_rows(out, x, data_t, indices_t, indptr_t)
-
-
-matmul_t, matmul_t_parallel = _variants(_matmul_t, {"csr_rows": csr_rows_parallel})
-_PARALLEL_PRODUCTS = {"matmul": matmul_parallel, "matmul_t": matmul_t_parallel}
 
 
 def _csr_matmul_batch(out, x, data, indices, indptr):
@@ -281,7 +270,8 @@ def _carry(act, cs, hs, rs, t, b, projected):
             hs[t + 1, b, j] = hs[t, b, j]
 
 
-def _lstm_step(h, c, gates, r, x,
+@njit(**_OPTS)
+def lstm_step(h, c, gates, r, x,
               wih, wih_data, wih_indices, wih_indptr, bias_ih, bias_hh,
               whh, whh_data, whh_indices, whh_indptr,
               whr, whr_data, whr_indices, whr_indptr):
@@ -309,12 +299,10 @@ def _lstm_step(h, c, gates, r, x,
         matmul(h, r, whr, whr_data, whr_indices, whr_indptr)
 
 
-lstm_step, lstm_step_parallel = _variants(_lstm_step, _PARALLEL_PRODUCTS)
-
-
-def _lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
-                      whh, whh_data, whh_indices, whh_indptr,
-                      whr, whr_data, whr_indices, whr_indptr):
+@njit(**_OPTS)
+def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
+                     whh, whh_data, whh_indices, whh_indptr,
+                     whr, whr_data, whr_indices, whr_indptr):
     """Forward recurrence of one layer and direction over a whole sequence.
 
     Shapes: hs (T+1, B, O) and cs (T+1, B, H) with hs[0], cs[0] = h0, c0 on
@@ -346,10 +334,8 @@ def _lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
                         hs[t + 1, b, j] = hs[t, b, j]
 
 
-lstm_seq_forward, lstm_seq_forward_parallel = _variants(_lstm_seq_forward, _PARALLEL_PRODUCTS)
-
-
-def _lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
+@njit(**_OPTS)
+def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
                       dy, hs, cs, rs, lengths,
                       whh, whh_data_t, whh_indices_t, whh_indptr_t,
                       whr, whr_data_t, whr_indices_t, whr_indptr_t):
@@ -387,10 +373,6 @@ def _lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
             if t < lengths[b]:
                 for j in range(dh.shape[1]):
                     dh[b, j] = scratch_o[b, j]
-
-
-lstm_seq_backward, lstm_seq_backward_parallel = _variants(_lstm_seq_backward,
-                                                        _PARALLEL_PRODUCTS)
 
 
 # ----------------------------------------------------------------------------
