@@ -95,27 +95,19 @@ def sigmoid(z):
     return _sigmoid_exact(z)
 
 
-if config.FAST_FLOAT32_ACTIVATIONS:
-    @overload(tanh, jit_options=_OPTS)
-    def _tanh_overload(z):
-        if z == nbtypes.float32:
-            return lambda z: _tanh32(z)
-        return lambda z: np.tanh(z)
+@overload(tanh, jit_options=_OPTS)
+def _tanh_overload(z):
+    if z == nbtypes.float32 and config.FAST_FLOAT32_ACTIVATIONS:
+        return lambda z: _tanh32(z)
+    return lambda z: np.tanh(z)
 
-    @overload(sigmoid, jit_options=_OPTS)
-    def _sigmoid_overload(z):
-        if z == nbtypes.float32:
-            half = np.float32(0.5)
-            return lambda z: half + half * _tanh32(half * z)
-        return lambda z: _sigmoid_exact(z)
-else:
-    @overload(tanh, jit_options=_OPTS)
-    def _tanh_overload(z):
-        return lambda z: np.tanh(z)
 
-    @overload(sigmoid, jit_options=_OPTS)
-    def _sigmoid_overload(z):
-        return lambda z: _sigmoid_exact(z)
+@overload(sigmoid, jit_options=_OPTS)
+def _sigmoid_overload(z):
+    if z == nbtypes.float32 and config.FAST_FLOAT32_ACTIVATIONS:
+        half = np.float32(0.5)
+        return lambda z: half + half * _tanh32(half * z)
+    return lambda z: _sigmoid_exact(z)
 
 
 # ----------------------------------------------------------------------------
