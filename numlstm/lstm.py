@@ -12,21 +12,11 @@ ever walk forward in time.
 """
 
 import numpy as np
-import scipy.sparse as sp
 
 from numlstm import config
 from numlstm import weights as W
 from numlstm.kernels import cpu as K
 from numlstm.workspace import Workspace
-
-
-def _param_names(layer, suffix, bias, proj_size):
-    names = [f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"]
-    if bias:
-        names += [f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}"]
-    if proj_size:
-        names.append(f"weight_hr_l{layer}{suffix}")
-    return names
 
 
 def _check_int(value, name, low):
@@ -154,12 +144,13 @@ class LSTM:
         self._grad_buffers = {
             name: (p.new_grad() if name.startswith("weight") else np.zeros_like(p))
             for name, p in self._params.items()}
-        self.grad = {name: (self._params[name].public(g) if isinstance(self._params[name], W.CSR)
-                            else g)
-                     for name, g in self._grad_buffers.items()}
-        for name, g in self.grad.items():  # a CSR gradient must view the live buffer
-            if sp.issparse(g):
-                g.data = self._grad_buffers[name]
+        self.grad = {}
+        for name, g in self._grad_buffers.items():
+            if isinstance(self._params[name], W.CSR):
+                view = self._params[name].public()  # a copy of the pattern ...
+                view.data = g  # ... whose values are the live gradient buffer
+                g = view
+            self.grad[name] = g
         self._tape = None
         self.version = getattr(self, "version", 0) + 1  # streams rebind on change
 
@@ -453,7 +444,7 @@ class LSTM:
         tape = self._tape
         if tape is None:
             raise RuntimeError("backward needs a preceding forward(..., training=True); "
-                               "none is recorded (or a later training forward replaced it)")
+                               "none is recorded (load_state_dict also discards it)")
         if tape.used:
             raise RuntimeError("backward was already called for this forward; run "
                                "forward(..., training=True) again")

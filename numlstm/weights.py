@@ -46,11 +46,6 @@ class Dense:
         """The array the kernels read; update it in place to train."""
         return self.array
 
-    @property
-    def nnz(self):
-        """Stored values (all of them): the multiply-adds of one product row."""
-        return self.array.size
-
     def kernel_args(self):
         return (self.array,) + self._empty
 
