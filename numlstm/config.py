@@ -30,8 +30,3 @@ CACHE = os.environ.get("NUMLSTM_NO_CACHE", "") == ""
 # use the ``parallel=True`` variant when their work, counted in multiply-adds,
 # is at least this large.
 PARALLEL_MIN_WORK = 2_000_000
-
-# Relative tolerances used by tests when comparing float32 results to the
-# float64 reference.
-RTOL = {"float32": 2e-4, "float64": 1e-10}
-ATOL = {"float32": 2e-5, "float64": 1e-12}

@@ -104,6 +104,8 @@ class LSTM:
         for name, shape in self._param_shapes().items():
             params[name] = self._rng.uniform(-k, k, shape).astype(self.dtype)
         self._no_bias = np.zeros(4 * self.hidden_size, self.dtype)  # read-only zeros
+        self._no_proj = W.Dense(np.zeros((0, 0), self.dtype)).kernel_args()  # P = 0
+        self.version = 0
         self._train_ws = Workspace(self.dtype)
         self._infer_ws = Workspace(self.dtype)
         self._set_params(params)
@@ -152,7 +154,7 @@ class LSTM:
                 g = view
             self.grad[name] = g
         self._tape = None
-        self.version = getattr(self, "version", 0) + 1  # streams rebind on change
+        self.version += 1  # streams rebind on change
 
     def state_dict(self):
         """Copies of every parameter: NumPy arrays, or ``csr_array`` for CSR weights."""
@@ -415,7 +417,7 @@ class LSTM:
 
     def _proj_args(self, l, d, transposed=False):
         if not self.proj_size:
-            return W.Dense(np.zeros((0, 0), self.dtype)).kernel_args()
+            return self._no_proj
         w = self._weight("hr", l, d)
         return w.kernel_args_t() if transposed else w.kernel_args()
 
@@ -583,6 +585,6 @@ def _matmul_batch(out, x, weight, transposed=False):
         np.matmul(x, weight.array if transposed else weight.array.T, out=out)
         return
     args = (out, x) + (weight.kernel_args_t() if transposed else weight.kernel_args())[1:]
-    kernel = K.csr_matmul_batch_parallel if weight.nnz * x.shape[0] >= config.PARALLEL_MIN_WORK \
-        else K.csr_matmul_batch
+    kernel = K.csr_matmul_parallel if weight.nnz * x.shape[0] >= config.PARALLEL_MIN_WORK \
+        else K.csr_matmul
     kernel(*args)

@@ -63,7 +63,6 @@ class Stream:
         positional and *-unpacked arguments are mixed: lstm_step has 19.)
         """
         m = self.model
-        no_proj = W.Dense(np.zeros((0, 0), m.dtype)).kernel_args()
         self._calls = []
         for l in range(m.num_layers):
             x = self._x if l == 0 else self._h_layers[l - 1]
@@ -72,7 +71,7 @@ class Stream:
                 + m._weight("ih", l, 0).kernel_args()
                 + m._biases(l, 0)
                 + m._weight("hh", l, 0).kernel_args()
-                + (m._weight("hr", l, 0).kernel_args() if m.proj_size else no_proj))
+                + m._proj_args(l, 0))
         self._version = m.version
 
     def reset(self, state=None):

@@ -13,7 +13,7 @@ refreshes it after the values change.
 import numpy as np
 import scipy.sparse as sp
 
-_EMPTY_INDEX = np.zeros(1, dtype=np.int32)  # indptr of an empty pattern
+_NO_INDEX = np.zeros(0, dtype=np.int32)  # the unused CSR slots of a dense weight
 
 
 def check_float_array(value, name, shape, dtype):
@@ -39,7 +39,7 @@ class Dense:
     def __init__(self, array):
         self.array = array  # (R, K)
         self.shape = array.shape
-        self._empty = (np.zeros(0, array.dtype), _EMPTY_INDEX[:0], _EMPTY_INDEX[:0])
+        self._empty = (np.zeros(0, array.dtype), _NO_INDEX, _NO_INDEX)
 
     @property
     def values(self):

@@ -73,7 +73,7 @@ def test_products_match_numpy(shape, seed):
         out_t = np.full((N, C), np.nan, dtype)
         K.matmul_t(out_t, xr, *weight.kernel_args_t())
         np.testing.assert_allclose(out_t, xr @ dense, **tol)
-    for kernel in (K.csr_rows, K.csr_matmul_batch, K.csr_matmul_batch_parallel):
+    for kernel in (K.csr_matmul, K.csr_matmul_parallel):
         out = np.full((N, R), np.nan, dtype)
         kernel(out, x, *w.kernel_args()[1:])
         np.testing.assert_allclose(out, x @ dense.T, **tol)

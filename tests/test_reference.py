@@ -316,6 +316,22 @@ def test_padding_values_are_ignored():
 TORCH_CONFIGS = list(itertools.product([1, 2], [1, 2], [0, 2], [True, False], [False, True]))
 
 
+TORCH_TOL = {"rtol": 0, "atol": 1e-10}
+
+
+def backward_and_compare_outputs(torch, case, y, h_n, c_n):
+    """Backpropagate the case's loss through torch's outputs, check that the
+    reference's forward equals them, and return the reference's cache."""
+    total = ((y * torch.from_numpy(case["Ry"])).sum() + (h_n * torch.from_numpy(case["Rh"])).sum()
+             + (c_n * torch.from_numpy(case["Rc"])).sum())
+    total.backward()
+    ry, rh, rc, cache = forward(case)
+    np.testing.assert_allclose(ry, y.detach().numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(rh, h_n.detach().numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(rc, c_n.detach().numpy(), **TORCH_TOL)
+    return cache
+
+
 def torch_lstm(torch, case, I):
     s = case["sizes"]
     lstm = torch.nn.LSTM(I, s["hidden_size"], s["num_layers"], bias="bias_ih_l0" in case["params"],
@@ -349,22 +365,13 @@ def test_matches_torch(L, D, P, bias, use_lengths):
         y, _ = pad_packed_sequence(out, total_length=T)
     else:
         y, (h_n, c_n) = lstm(x, (h0, c0))
-    total = ((y * torch.from_numpy(case["Ry"])).sum() + (h_n * torch.from_numpy(case["Rh"])).sum()
-             + (c_n * torch.from_numpy(case["Rc"])).sum())
-    total.backward()
-
-    ry, rh, rc, cache = forward(case)
-    tol = {"rtol": 0, "atol": 1e-10}
-    np.testing.assert_allclose(ry, y.detach().numpy(), **tol)
-    np.testing.assert_allclose(rh, h_n.detach().numpy(), **tol)
-    np.testing.assert_allclose(rc, c_n.detach().numpy(), **tol)
-
+    cache = backward_and_compare_outputs(torch, case, y, h_n, c_n)
     dx, dh0, dc0, grads = lstm_backward(cache, case["Ry"], case["Rh"], case["Rc"])
-    np.testing.assert_allclose(dx, x.grad.numpy(), **tol)
-    np.testing.assert_allclose(dh0, h0.grad.numpy(), **tol)
-    np.testing.assert_allclose(dc0, c0.grad.numpy(), **tol)
+    np.testing.assert_allclose(dx, x.grad.numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(dh0, h0.grad.numpy(), **TORCH_TOL)
+    np.testing.assert_allclose(dc0, c0.grad.numpy(), **TORCH_TOL)
     for name, p in lstm.named_parameters():
-        np.testing.assert_allclose(grads[name], p.grad.numpy(), err_msg=name, **tol)
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), err_msg=name, **TORCH_TOL)
 
 
 @pytest.mark.parametrize("D, P", [(1, 0), (2, 2)])
@@ -394,14 +401,6 @@ def test_dropout_masks_match_stacked_torch_layers(D, P):
         c_list.append(c)
         inp = out * torch.from_numpy(case["masks"][k]) if k < L - 1 else out
     h_n, c_n = torch.cat(h_list), torch.cat(c_list)
-    total = ((inp * torch.from_numpy(case["Ry"])).sum() + (h_n * torch.from_numpy(case["Rh"])).sum()
-             + (c_n * torch.from_numpy(case["Rc"])).sum())
-    total.backward()
-
-    ry, rh, rc, cache = forward(case)
-    tol = {"rtol": 0, "atol": 1e-10}
-    np.testing.assert_allclose(ry, inp.detach().numpy(), **tol)
-    np.testing.assert_allclose(rh, h_n.detach().numpy(), **tol)
-    np.testing.assert_allclose(rc, c_n.detach().numpy(), **tol)
+    cache = backward_and_compare_outputs(torch, case, inp, h_n, c_n)
     dx, *_ = lstm_backward(cache, case["Ry"], case["Rh"], case["Rc"])
-    np.testing.assert_allclose(dx, x.grad.numpy(), **tol)
+    np.testing.assert_allclose(dx, x.grad.numpy(), **TORCH_TOL)

@@ -127,13 +127,16 @@ def _csr_row_dot(xn, data, indices, start, end):
     return acc
 
 
-@njit(**_OPTS)
-def csr_rows(out, x, data, indices, indptr):
-    """out (N, R) = x (N, K) @ W^T for CSR W and a small N (one step's batch)."""
-    for n in range(x.shape[0]):
+def _csr_matmul(out, x, data, indices, indptr):
+    """out (N, R) = x (N, K) @ W^T for CSR W (R, K); the parallel variant (for
+    the N = T*B rows of a whole sequence) splits the rows of x over threads."""
+    for n in prange(x.shape[0]):
         xn, on = x[n], out[n]
         for r in range(indptr.shape[0] - 1):
             on[r] = _csr_row_dot(xn, data, indices, indptr[r], indptr[r + 1])
+
+
+csr_matmul, csr_matmul_parallel = _variants(_csr_matmul)
 
 
 @njit(**_OPTS)
@@ -143,7 +146,7 @@ def matmul(out, x, dense, data, indices, indptr):
     if dense.shape[0] > 0:
         np.dot(x, dense.T, out)
     else:
-        csr_rows(out, x, data, indices, indptr)
+        csr_matmul(out, x, data, indices, indptr)
 
 
 @njit(**_OPTS)
@@ -152,19 +155,7 @@ def matmul_t(out, x, dense, data_t, indices_t, indptr_t):
     if dense.shape[0] > 0:
         np.dot(x, dense, out)
     else:
-        csr_rows(out, x, data_t, indices_t, indptr_t)
-
-
-def _csr_matmul_batch(out, x, data, indices, indptr):
-    """out (N, R) = x (N, K) @ W^T for CSR W (R, K), N = T*B large: rows of x
-    split over threads."""
-    for n in prange(x.shape[0]):
-        xn = x[n]
-        for r in range(indptr.shape[0] - 1):
-            out[n, r] = _csr_row_dot(xn, data, indices, indptr[r], indptr[r + 1])
-
-
-csr_matmul_batch, csr_matmul_batch_parallel = _variants(_csr_matmul_batch)
+        csr_matmul(out, x, data_t, indices_t, indptr_t)
 
 
 def _sddmm_acc(gdata, dz_t, a_t, indices, indptr):
