@@ -8,8 +8,8 @@ What it does, all in NumPy around the library's kernels:
 
 1. trains a one-layer LSTM on one-hot characters, with a linear softmax head
    and Adam written inline below;
-2. prunes every LSTM weight matrix to 90% sparsity by magnitude and loads the
-   survivors as ``scipy.sparse.csr_array`` (``load_state_dict``);
+2. prunes every LSTM weight matrix to 90% sparsity by magnitude
+   (``numlstm.prune.magnitude``: the survivors are stored as CSR);
 3. fine-tunes briefly: the CSR weights train only their stored values (the
    ``.data`` arrays), the biases and the head train as before;
 4. reports validation loss, weight bytes and the latency of one streaming step
@@ -27,6 +27,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
+from numlstm import prune
 from numlstm.lstm import LSTM
 
 # Pure-Python modules that every CPython ships as source.
@@ -199,26 +200,6 @@ def evaluate(model, head, eye, inp, tgt):
     return head.loss(y.reshape(T * S, H), tgt.reshape(-1))[0]
 
 
-def prune_state(state, sparsity):
-    """Magnitude-prune every LSTM weight matrix of ``state`` into a csr_array.
-
-    Exactly ``round((1 - sparsity) * size)`` entries of largest magnitude are
-    kept per matrix; biases stay dense. Returns a new state dict.
-    """
-    out = {}
-    for name, w in state.items():
-        if not name.startswith("weight"):
-            out[name] = w
-            continue
-        w = w.toarray() if sp.issparse(w) else np.asarray(w)
-        flat = np.abs(w).ravel()
-        keep = max(1, int(round((1 - sparsity) * flat.size)))
-        idx = np.argpartition(flat, flat.size - keep)[flat.size - keep:]
-        rows, cols = np.divmod(idx, w.shape[1])
-        out[name] = sp.csr_array((w.ravel()[idx], (rows, cols)), shape=w.shape)
-    return out
-
-
 def stream_us_per_step(model, eye, codes, repeats=3):
     """Median µs per ``Stream.step`` at batch 1 over ``codes`` (one-hot inputs)."""
     xs = eye[codes][:, None, :]  # (T, 1, V), each xs[t] C-contiguous
@@ -355,9 +336,8 @@ def run_demo(seconds=45.0, *, steps=None, finetune_steps=None, hidden=128, seq_l
     say(f"dense: {n} steps, validation {res['loss_dense']:.3f} nats/char")
 
     # -- 2. prune -----------------------------------------------------------
-    dense_state = model.state_dict()
     us_dense = stream_us_per_step(model, eye, train[:bench_steps])
-    model.load_state_dict(prune_state(dense_state, sparsity))
+    prune.magnitude(model, sparsity)
     kept, total = _trainable_nnz(model.state_dict())
     res["sparsity"] = 1 - kept / total
     res["bytes_csr"] = model.weight_bytes()

@@ -11,12 +11,14 @@ of its input reversed within each sequence's own length, so the kernels only
 ever walk forward in time.
 """
 
+import math
+
 import numpy as np
 
 from numlstm import config
 from numlstm import weights as W
 from numlstm.kernels import cpu as K
-from numlstm.workspace import Workspace
+from numlstm.workspace import Workspace, plan_layout, plan_nbytes
 
 
 def _check_int(value, name, low):
@@ -30,12 +32,15 @@ def _check_int(value, name, low):
 class _Tape:
     """What a training forward leaves for backward (views into the workspace)."""
 
-    def __init__(self, views, T, B, lengths, rev_index, unbatched):
+    def __init__(self, views, T, B, lengths, rev_index, unbatched, segment=None,
+                 seglens=None):
         self.views = views
         self.T, self.B = T, B
         self.lengths = lengths  # (B,) int64
         self.rev_index = rev_index  # (T*B,) int64, or None when D = 1
         self.unbatched = unbatched
+        self.segment = segment  # checkpoint segment length, or None for the full tape
+        self.seglens = seglens  # (nseg, B) int64 valid steps per segment, when checkpointed
         self.used = False
 
 
@@ -133,7 +138,7 @@ class LSTM:
     def _set_params(self, values):
         """Validate every value, then install them all with fresh zero gradients
         (a bad value leaves the model as it was)."""
-        params = {}  # name -> weights.Dense / weights.CSR, or a bias array
+        params = {}  # name -> a weights.Dense / CSR / BSR, or a bias array
         for name, shape in self._param_shapes().items():
             if name.startswith("bias"):
                 arr = W.check_float_array(values[name], name, shape, self.dtype)
@@ -142,14 +147,20 @@ class LSTM:
                 params[name] = arr.copy()
             else:
                 params[name] = W.from_value(values[name], name, shape, self.dtype)
+        self._install(params)
+
+    def _install(self, params):
+        """Make ``params`` (every name, already validated) the model's parameters,
+        with fresh zero gradients; streams rebind and the tape is dropped."""
         self._params = params
         self._grad_buffers = {
             name: (p.new_grad() if name.startswith("weight") else np.zeros_like(p))
             for name, p in self._params.items()}
         self.grad = {}
         for name, g in self._grad_buffers.items():
-            if isinstance(self._params[name], W.CSR):
-                view = self._params[name].public()  # a copy of the pattern ...
+            p = self._params[name]
+            if name.startswith("weight") and p.format != "dense":
+                view = p.public()  # a copy of the pattern ...
                 view.data = g  # ... whose values are the live gradient buffer
                 g = view
             self.grad[name] = g
@@ -157,15 +168,18 @@ class LSTM:
         self.version += 1  # streams rebind on change
 
     def state_dict(self):
-        """Copies of every parameter: NumPy arrays, or ``csr_array`` for CSR weights."""
-        return {name: (p.public() if isinstance(p, (W.Dense, W.CSR)) else p.copy())
+        """Copies of every parameter: NumPy arrays, ``csr_array`` for CSR weights,
+        ``bsr_array`` for block-sparse ones. Quantized values (float16, int8) come
+        back dequantized to the model's dtype; compact index types as int32."""
+        return {name: (p.public() if name.startswith("weight") else p.copy())
                 for name, p in self._params.items()}
 
     def load_state_dict(self, state):
         """Replace every parameter from ``state`` (same keys as ``state_dict``).
 
-        A scipy sparse value makes that weight CSR (other sparse formats are
-        converted to CSR), a NumPy array makes it dense. float64 values are
+        A scipy sparse value makes that weight CSR (a BSR value keeps its
+        blocks; other sparse formats are converted to CSR), a NumPy array makes
+        it dense. float64 values are
         converted to a float32 model's dtype. Gradients are reset to zero.
         Raises KeyError / ValueError / TypeError naming the offending key.
         """
@@ -184,7 +198,7 @@ class LSTM:
         Update them in place (an optimizer step); the dict's keys match
         ``grad``, whose arrays (``.data`` for CSR) have the same shapes.
         """
-        return {name: (p.values if isinstance(p, (W.Dense, W.CSR)) else p)
+        return {name: (p.values if name.startswith("weight") else p)
                 for name, p in self._params.items()}
 
     def grad_arrays(self):
@@ -199,6 +213,50 @@ class LSTM:
     def weight_bytes(self):
         """Bytes of parameter storage used for inference (biases included)."""
         return sum(p.nbytes for p in self._params.values())
+
+    def _weights(self):
+        """name -> storage object of every weight matrix (biases excluded)."""
+        return {name: p for name, p in self._params.items() if name.startswith("weight")}
+
+    def _check_trainable(self):
+        for name, w in self._weights().items():
+            if not w.trainable:
+                raise TypeError(f"training needs float weights, but {name} is stored as "
+                                f"{W.describe(w)} (quantized, inference only); train before "
+                                "quantizing, or call to_dense() first")
+
+    def sparsity(self):
+        """Fraction of zero weights, per weight matrix and ``"overall"``.
+
+        A weight's zeros are the entries it does not store plus any stored
+        exact zeros; biases are not counted.
+
+        Returns
+        -------
+        dict[str, float]
+            ``{"weight_ih_l0": 0.9, ..., "overall": 0.9}``
+        """
+        out, zeros, total = {}, 0, 0
+        for name, w in self._weights().items():
+            size = w.shape[0] * w.shape[1]
+            nonzero = int(np.count_nonzero(w.values))
+            out[name] = 1 - nonzero / size
+            zeros += size - nonzero
+            total += size
+        out["overall"] = zeros / total
+        return out
+
+    def to_dense(self):
+        """Store every weight densely (quantized values are dequantized), in place.
+
+        Gradients are reset to zero and any recorded tape is dropped.
+        Returns the model.
+        """
+        params = dict(self._params)
+        for name, w in self._weights().items():
+            params[name] = W.Dense(np.ascontiguousarray(w.to_array(), dtype=self.dtype))
+        self._install(params)
+        return self
 
     def _weight(self, kind, layer, d):
         return self._params[f"weight_{kind}_l{layer}{'_reverse' if d else ''}"]
@@ -268,46 +326,167 @@ class LSTM:
     # Forward
     # ------------------------------------------------------------------
 
-    def _plan(self, T, B, training):
+    def _plan(self, T, B, training, segment=None):
         """The named buffers (and shapes) a forward, and in training its backward, needs."""
+        return self._plan_parts(T, B, training, segment)[0]
+
+    def _plan_parts(self, T, B, training, segment=None):
+        """``(spec, kept)``: the buffers of a call and the names of the tape among them.
+
+        ``spec`` lists ``(name, shape)`` for ``Workspace.carve``; ``kept`` names
+        what a training forward leaves for backward (the recorded activations).
+        ``segment`` (training only) is the checkpoint segment length S <= T:
+        the tape then keeps, per layer and direction, only the state at each
+        segment's first step, and the recurrence buffers hold one segment.
+        """
         L, D, H, O, P = (self.num_layers, self.num_directions, self.hidden_size,
                          self.output_size, self.proj_size)
-        G, N = 4 * H, T * B
-        kmax = max(self.input_size, D * O)
-        rev = T if D == 2 else 0  # buffers only the reverse direction needs
-        spec = [("y", (T, B, D * O)),  # top layer output
-                ("xrev", (rev, B, kmax)),  # a layer's input, reversed per sequence
-                ("odir", (rev, B, O)),  # reverse direction's output, before un-reversal
+        G, I = 4 * H, self.input_size
+        kmax = max(I, D * O)
+        ckpt = training and segment is not None
+        S = segment if ckpt else T  # steps the recurrence buffers hold
+        R = S if D == 2 else 0  # rows of the buffers only the reverse direction needs
+        spec = [("xrev", (R, B, kmax)),  # a layer's input, reversed per sequence
+                ("odir", (R, B, O)),  # reverse direction's output, before un-reversal
                 ("scratch", (B, G))]
-        # Inference reuses one set of recurrence buffers for every layer and
-        # direction; training keeps them all, as the tape.
-        tapes = [(l, d) for l in range(L) for d in range(D)] if training else [(0, 0)]
-        for l, d in tapes:
-            spec += [(f"gates{l}{d}", (T, B, G)), (f"hs{l}{d}", (T + 1, B, O)),
-                     (f"cs{l}{d}", (T + 1, B, H)), (f"rs{l}{d}", (T if P else 0, B, H))]
-        layers_in = range(1, L) if training else range(1, min(L, 3))
-        for l in layers_in:  # layer inputs above layer 0 (inference: ping-pong)
-            spec.append((f"x{l}", (T, B, D * O)))
-        if training:
-            spec.append(("x0", (T, B, self.input_size)))
-            if self.dropout:
-                spec += [(f"mask{l}", (T, B, D * O)) for l in range(L - 1)]
-            amax = max(kmax, H)
-            spec += [("dyd", (T, B, O)),  # dy of one direction, in its time order
-                     ("dytmp", (rev, B, O)),
-                     ("dhs", (T if P else 0, B, O)),  # gradient reaching each h_t
-                     ("dh", (B, O)), ("dc", (B, H)),  # carried state gradients
-                     ("scratch_o", (B, O)), ("scratch_h", (B, H)),
-                     ("dxb", (T, B, kmax)),  # dx of layers 0, 2, ...
-                     ("dxa", (T if L > 1 else 0, B, kmax)),  # dx of layers 1, 3, ...
-                     ("dxd", (T, B, kmax)), ("dxg", (rev, B, kmax)),  # one direction's dx
-                     ("gflat", (G * amax,))]  # dense weight-gradient scratch
-            if any(isinstance(p, W.CSR) for p in self._params.values()):
-                # dz^T (G, N) and a^T (K, N): the SDDMM reads contiguous rows
-                spec += [("dz_t", (G * N,)), ("a_t", (amax * N,))]
-        return spec
+        kept = []
+        if ckpt:  # one set of segment buffers, recomputed in backward
+            nseg = -(-T // S)
+            spec += [("gates", (S, B, G)), ("hs", (S + 1, B, O)), ("cs", (S + 1, B, H)),
+                     ("rs", (S if P else 0, B, H))]
+            for l in range(L):
+                for d in range(D):  # the state entering each segment
+                    kept += [(f"hb{l}{d}", (nseg, B, O)), (f"cb{l}{d}", (nseg, B, H))]
+        else:
+            # Inference reuses one set of recurrence buffers for every layer and
+            # direction; training keeps them all, as the tape.
+            tapes = [(l, d) for l in range(L) for d in range(D)] if training else [(0, 0)]
+            rec = kept if training else spec
+            for l, d in tapes:
+                rec += [(f"gates{l}{d}", (T, B, G)), (f"hs{l}{d}", (T + 1, B, O)),
+                        (f"cs{l}{d}", (T + 1, B, H)), (f"rs{l}{d}", (T if P else 0, B, H))]
+        if not training:  # layer inputs above layer 0, ping-pong
+            spec += [(f"x{l}", (T, B, D * O)) for l in range(1, min(L, 3))]
+            return spec, set()
+        kept.append(("x0", (T, B, I)))  # every layer's input
+        kept += [(f"x{l}", (T, B, D * O)) for l in range(1, L)]
+        if self.dropout:
+            kept += [(f"mask{l}", (T, B, D * O)) for l in range(L - 1)]
+        amax = max(kmax, H)
+        # dy of one direction in its own time order; with D = 1 the kernel reads
+        # dy itself (full tape: unless batch_first left it strided).
+        dyd = R if ckpt else (T if D == 2 or self.batch_first else 0)
+        spec += [("dyd", (dyd, B, O)),
+                 ("dytmp", (R, B, D * O if ckpt else O)),
+                 ("dhs", (S if P else 0, B, O)),  # gradient reaching each h_t
+                 ("dh", (B, O)), ("dc", (B, H)),  # carried state gradients
+                 ("scratch_o", (B, O)), ("scratch_h", (B, H)),
+                 # dx of layers 1, 3, ... and 2, 4, ...; layer 0's is the returned dx
+                 ("dxa", (T if L > 1 else 0, B, D * O)),
+                 ("dxb", (T if L > 2 else 0, B, D * O)),
+                 ("dxd", (R, B, kmax)), ("dxg", (R, B, kmax)),  # the reverse direction's dx
+                 ("gflat", (G * amax,))]  # dense weight-gradient scratch
+        if any(w.format != "dense" for w in self._weights().values()):
+            # dz^T (G, S*B) and a^T (K, S*B): the SDDMM reads contiguous rows
+            spec += [("dz_t", (G * S * B,)), ("a_t", (amax * S * B,))]
+        return spec + kept, {name for name, _ in kept}
 
-    def forward(self, x, state=None, *, lengths=None, training=False):
+    def _segment_length(self, T, checkpoint, training):
+        """The checkpoint segment length (<= T) that ``checkpoint`` asks for, or None."""
+        if checkpoint is None:
+            return None
+        msg = f'checkpoint must be None, "auto" or an int >= 1, got {checkpoint!r}'
+        if isinstance(checkpoint, str):
+            if checkpoint != "auto":
+                raise ValueError(msg)
+            k = math.isqrt(T - 1) + 1  # ceil(sqrt(T))
+        elif isinstance(checkpoint, bool) or not isinstance(checkpoint, (int, np.integer)):
+            raise TypeError(msg)
+        elif checkpoint < 1:
+            raise ValueError(msg)
+        else:
+            k = int(checkpoint)
+        if not training:
+            raise ValueError(f"checkpoint={checkpoint!r} needs training=True: it decides what "
+                             "a training forward keeps for backward")
+        return min(k, T)
+
+    def _budget_segment(self, T, B, budget):
+        """The fastest plan whose workspace fits ``budget`` bytes: None for the full
+        tape, else the checkpoint segment length (see ``forward``)."""
+        def nbytes(segment):
+            return plan_nbytes(self._plan_parts(T, B, True, segment)[0], self.dtype)
+
+        smallest = full = nbytes(None)
+        if full <= budget:
+            return None
+        # m segments need at least ceil(T/m) steps each; that length is the
+        # smallest plan with m segments, so try m = 1, 2, ... in that form.
+        for k in sorted({-(-T // m) for m in range(1, T + 1)}, reverse=True):
+            size = nbytes(k)
+            if size <= budget:
+                return k
+            smallest = min(smallest, size)
+        raise ValueError(f"memory_budget={budget} bytes cannot hold a training step of "
+                         f"T={T}, B={B}: the smallest plan needs {smallest} bytes")
+
+    def _resolve_segment(self, T, B, training, checkpoint, memory_budget):
+        if memory_budget is None:
+            return self._segment_length(T, checkpoint, training)
+        budget = _check_int(memory_budget, "memory_budget", 1)
+        if not training:
+            raise ValueError(f"memory_budget={budget} needs training=True: it decides what a "
+                             "training forward keeps for backward")
+        if checkpoint is not None:
+            raise ValueError(f"pass checkpoint or memory_budget, not both: got "
+                             f"checkpoint={checkpoint!r}, memory_budget={budget}")
+        return self._budget_segment(T, B, budget)
+
+    def _memory_plan(self, T, B, *, training, checkpoint=None):
+        """Predicted bytes of a call on (T, B) input, from the plan ``forward`` carves.
+
+        Returns a dict:
+
+        - ``activations``: the tape, kept from forward to backward (0 for inference);
+        - ``workspace``: every other workspace buffer (scratch, dx, recompute);
+          ``activations + workspace`` is exactly the block an empty workspace
+          allocates for the call (alignment included);
+        - ``transposed``: training only, the transposed patterns (values,
+          indices, indptr, perm) that sparse weights build for W^T products;
+        - ``outputs``: the arrays the call returns (y, h_n, c_n; in training
+          also backward's dx, dh0, dc0, and batch_first's transposed copies)
+          plus its small per-call arrays (reverse index, segment
+          lengths);
+        - ``segment``: the checkpoint segment length used, or None.
+        """
+        T = _check_int(T, "T", 1)
+        B = _check_int(B, "B", 1)
+        segment = self._segment_length(T, checkpoint, training)
+        spec, kept = self._plan_parts(T, B, training, segment)
+        entries, _ = plan_layout(spec, self.dtype)
+        item = self.dtype.itemsize
+        activations = sum(padded for name, _, _, _, padded in entries if name in kept) * item
+        L, D, O, H = self.num_layers, self.num_directions, self.output_size, self.hidden_size
+        states = D * L * B * (O + H) * item
+        ys = T * B * D * O * item
+        outputs = ys + states  # y, (h_n, c_n)
+        outputs += T * B * 8 if D == 2 else 0  # reverse index
+        strided = self.batch_first and T > 1 and B > 1  # batch_first copies
+        transposed = 0
+        if not training:
+            outputs += ys if strided else 0  # y and its transposed copy, both at once
+        else:
+            dxs = T * B * self.input_size * item
+            outputs += dxs + states + B * 8 + (-(-T // segment) * B * 8 if segment else 0)
+            if strided:  # dx's transposed copy, or before it, checkpoint's contiguous dy
+                outputs += max(dxs, ys) if segment else dxs
+            transposed = sum(_transposed_nbytes(w) for w in self._weights().values())
+        return {"activations": activations,
+                "workspace": plan_nbytes(spec, self.dtype) - activations,
+                "transposed": transposed, "outputs": outputs, "segment": segment}
+
+    def forward(self, x, state=None, *, lengths=None, training=False, checkpoint=None,
+                memory_budget=None):
         """Run the LSTM over a batch of sequences.
 
         Parameters
@@ -324,6 +503,28 @@ class LSTM:
             last valid step, and the reverse direction starts at its own end.
         training : bool
             Record what ``backward`` needs and apply dropout.
+        checkpoint : None, "auto" or int >= 1
+            Training only. None keeps the full tape: gates and states of every
+            step, layer and direction, O(L*D*T*B*H) bytes. An int k keeps
+            only the state entering every k-th step (plus the layer inputs
+            and dropout masks, which backward needs anyway); ``backward`` then
+            recomputes each segment's forward from its saved state, one
+            segment at a time, last first: one extra forward pass of compute
+            for O(L*D*(T/k)*B*H + k*B*H) bytes. ``"auto"`` takes
+            k = ceil(sqrt(T)). Results equal the full tape's up to rounding.
+        memory_budget : int, optional
+            Training only, instead of ``checkpoint``: bytes the training
+            workspace may take (the ``activations + workspace`` of
+            ``_memory_plan``, which is exactly what the workspace allocates;
+            returned arrays, parameters, gradients and sparse weights'
+            transposed patterns are outside it). The rule: the full tape if
+            it fits (no recompute, fastest); else the checkpoint plan with the
+            fewest segments that fits, i.e. segment length ceil(T/m) for the
+            smallest m (every checkpoint plan recomputes each step once, and
+            fewer segments make fewer, larger kernel calls). ValueError when
+            even the smallest plan does not fit, with that plan's bytes. A
+            workspace block left larger than the budget by an earlier call is
+            released first (the workspace otherwise only grows).
 
         Returns
         -------
@@ -331,11 +532,17 @@ class LSTM:
         (h_n, c_n) : arrays (D*L, B, O), (D*L, B, H)
         """
         xt, unbatched = self._check_x(x)
+        if training:
+            self._check_trainable()
         T, B = xt.shape[0], xt.shape[1]
         lengths = self._check_lengths(lengths, T, B, unbatched)
         h0, c0 = self._check_state(state, B, unbatched)
+        seg = self._resolve_segment(T, B, training, checkpoint, memory_budget)
         ws = self._train_ws if training else self._infer_ws
-        v = ws.carve(self._plan(T, B, training))
+        if memory_budget is not None and ws.nbytes > memory_budget:
+            self._tape = None
+            ws.release()  # a block left by a bigger call would break the budget
+        v = ws.carve(self._plan(T, B, training, seg))
         if training:
             np.copyto(v["x0"], xt, casting="same_kind")
             layer_in = v["x0"]
@@ -343,32 +550,42 @@ class LSTM:
         else:
             layer_in = np.ascontiguousarray(xt, dtype=self.dtype)
         rev_index = self._reverse_index(T, B, lengths) if self.bidirectional else None
-        valid = (np.arange(T)[:, None] < lengths[None, :]).astype(self.dtype)[:, :, None]
+        seglens = None
+        if seg is not None:  # (nseg, B): each sequence's valid steps within each segment
+            starts = np.arange(0, T, seg)
+            seglens = np.clip(lengths[None, :] - starts[:, None], 0,
+                              np.minimum(seg, T - starts)[:, None]).astype(np.int64)
 
         L, D, O = self.num_layers, self.num_directions, self.output_size
         h_n = np.empty((D * L, B, O), self.dtype)
         c_n = np.empty((D * L, B, self.hidden_size), self.dtype)
+        y = np.empty((T, B, D * O), self.dtype)  # the top layer writes the result directly
         for l in range(L):
-            out = v["y"] if l == L - 1 else (v[f"x{l + 1}"] if training else v[f"x{1 + l % 2}"])
+            out = y if l == L - 1 else (v[f"x{l + 1}"] if training else v[f"x{1 + l % 2}"])
             for d in range(D):
+                i = l * D + d
+                if seg is not None:
+                    h_n[i], c_n[i] = self._layer_forward_segments(
+                        v, l, d, layer_in, out, h0[i], c0[i], lengths, seglens, rev_index, seg)
+                    continue
                 tag = f"{l}{d}" if training else "00"
                 hs, cs = v[f"hs{tag}"], v[f"cs{tag}"]
-                hs[0], cs[0] = h0[l * D + d], c0[l * D + d]
+                hs[0], cs[0] = h0[i], c0[i]
                 self._layer_forward(v, tag, l, d, layer_in, lengths, rev_index)
-                h_n[l * D + d], c_n[l * D + d] = hs[T], cs[T]
+                h_n[i], c_n[i] = hs[T], cs[T]
                 # This direction's output, in time order, zero past each length.
                 odir = hs[1:]
                 if d:
                     K.gather_rows(v["odir"].reshape(T * B, O), odir.reshape(T * B, O), rev_index)
                     odir = v["odir"]
-                np.multiply(odir, valid, out=out[:, :, d * O:(d + 1) * O])
+                np.copyto(out[:, :, d * O:(d + 1) * O], odir)
+                _zero_padding(out[:, :, d * O:(d + 1) * O], lengths, 0)
             if training and self.dropout and l < L - 1:
                 self._apply_dropout(v[f"mask{l}"], out)
             layer_in = out
 
         if training:
-            self._tape = _Tape(v, T, B, lengths, rev_index, unbatched)
-        y = v["y"].copy()
+            self._tape = _Tape(v, T, B, lengths, rev_index, unbatched, seg, seglens)
         if unbatched:
             return y[:, 0], (h_n[:, 0], c_n[:, 0])
         if self.batch_first:
@@ -415,6 +632,58 @@ class LSTM:
                 + self._proj_args(l, d))
         K.lstm_seq_forward(*args)
 
+    def _layer_forward_segments(self, v, l, d, layer_in, out, h0, c0, lengths, seglens,
+                                rev_index, k):
+        """Checkpointed forward of layer l, direction d, k steps at a time.
+
+        Saves the state entering each segment in hb, cb (nseg, B, O / H),
+        writes the direction's output into ``out`` (T, B, D*O) and returns the
+        final (h, c) as views.
+        """
+        T, B = layer_in.shape[:2]
+        O = self.output_size
+        hs, cs = v["hs"], v["cs"]  # (k+1, B, O), (k+1, B, H)
+        hb, cb = v[f"hb{l}{d}"], v[f"cb{l}{d}"]
+        hs[0], cs[0] = h0, c0
+        out2d = out.reshape(T * B, -1)
+        for s in range(hb.shape[0]):
+            t0 = s * k
+            n = min(k, T - t0)
+            hb[s], cb[s] = hs[0], cs[0]
+            self._segment_forward(v, l, d, layer_in, t0, n, seglens[s], rev_index)
+            if d:  # rows of the reversed sequence go back to their own time steps
+                oseg = v["odir"][:n]
+                np.copyto(oseg, hs[1:n + 1])
+                _zero_padding(oseg, lengths, t0)
+                out2d[rev_index[t0 * B:(t0 + n) * B], O:] = oseg.reshape(n * B, O)
+            else:
+                np.copyto(out[t0:t0 + n, :, :O], hs[1:n + 1])
+                _zero_padding(out[t0:t0 + n, :, :O], lengths, t0)
+            hs[0], cs[0] = hs[n], cs[n]
+        return hs[0], cs[0]
+
+    def _segment_forward(self, v, l, d, layer_in, t0, n, lens, rev_index):
+        """Steps [t0, t0+n) of layer l, direction d (in its own time order) into the
+        segment buffers gates, hs, cs, rs, from the state in hs[0], cs[0].
+
+        ``lens`` (B,) counts each sequence's valid steps in the segment. Returns
+        the segment's input rows (n*B, K).
+        """
+        T, B, width = layer_in.shape
+        rows = n * B
+        if d:
+            xs = _first(v["xrev"], rows * width).reshape(rows, width)
+            K.gather_rows(xs, layer_in.reshape(T * B, width), rev_index[t0 * B:t0 * B + rows])
+        else:
+            xs = layer_in[t0:t0 + n].reshape(rows, width)
+        gates = v["gates"][:n]
+        _matmul_batch(gates.reshape(rows, -1), xs, self._weight("ih", l, d))
+        args = ((v["hs"][:n + 1], v["cs"][:n + 1], gates, v["rs"][:n], v["scratch"], lens)
+                + self._biases(l, d) + self._weight("hh", l, d).kernel_args()
+                + self._proj_args(l, d))
+        K.lstm_seq_forward(*args)
+        return xs
+
     def _proj_args(self, l, d, transposed=False):
         if not self.proj_size:
             return self._no_proj
@@ -441,7 +710,8 @@ class LSTM:
         (dh0, dc0) : arrays shaped like the initial state
 
         Every parameter gradient is ADDED into ``self.grad``; call
-        ``zero_grad()`` between steps unless accumulating on purpose.
+        ``zero_grad()`` between steps unless accumulating on purpose. After a
+        checkpointed forward, each segment's forward is recomputed here.
         """
         tape = self._tape
         if tape is None:
@@ -459,27 +729,29 @@ class LSTM:
         dh0 = np.empty((D * L, B, O), self.dtype)
         dc0 = np.empty((D * L, B, H), self.dtype)
         dcur = dyt  # gradient of layer l's output (T, B, D*O)
+        if tape.segment is not None and not _kernel_ready(dcur):
+            dcur = np.array(dcur, order="C")  # batch_first: segments read rows of dy
         for l in range(L - 1, -1, -1):
-            width = self.input_size if l == 0 else D * O
-            dx_l = _first(v["dxa" if l % 2 else "dxb"], T * B * width).reshape(T, B, width)
+            if l == 0:  # the returned dx, written directly
+                dx_l = np.empty((T, B, self.input_size), self.dtype)
+            else:
+                dx_l = v["dxa" if l % 2 else "dxb"]  # (T, B, D*O)
             for d in range(D):
-                dyd = v["dyd"]
-                if d:
-                    np.copyto(v["dytmp"], dcur[:, :, O:])
-                    K.gather_rows(dyd.reshape(T * B, O), v["dytmp"].reshape(T * B, O),
-                                  tape.rev_index)
-                else:
-                    np.copyto(dyd, dcur[:, :, :O])
+                i = l * D + d
                 dh, dc = v["dh"], v["dc"]
-                dh[...] = dh_n[l * D + d]
-                dc[...] = dc_n[l * D + d]
-                self._layer_backward(v, tape, l, d, dx_l, d == 0)
-                dh0[l * D + d], dc0[l * D + d] = dh, dc
+                dh[...] = dh_n[i]
+                dc[...] = dc_n[i]
+                if tape.segment is None:
+                    dyd = self._direction_dy(v, dcur, d, tape.rev_index)
+                    self._layer_backward(v, tape, l, d, dyd, dx_l)
+                else:
+                    self._layer_backward_segments(v, tape, l, d, dcur, dx_l)
+                dh0[i], dc0[i] = dh, dc
             if l > 0 and self.dropout:
                 dx_l *= v[f"mask{l - 1}"]
             dcur = dx_l
 
-        dx = dcur.copy()
+        dx = dcur
         if tape.unbatched:
             return dx[:, 0], (dh0[:, 0], dc0[:, 0])
         if self.batch_first:
@@ -495,49 +767,119 @@ class LSTM:
         arr = W.check_float_array(dy, "dy", shape, self.dtype)
         return arr.transpose(1, 0, 2) if self.batch_first else arr
 
-    def _layer_backward(self, v, tape, l, d, dx_l, first):
-        """BPTT through layer l, direction d; writes (first) or adds its dx into dx_l."""
+    def _direction_dy(self, v, dcur, d, rev_index):
+        """Full tape: direction d's part of dcur (T, B, D*O) as a contiguous
+        (T, B, O) array in its own time order (dcur itself when D = 1)."""
+        T, B = dcur.shape[:2]
+        O = self.output_size
+        dyd = v["dyd"]
+        if self.num_directions == 1:
+            if _kernel_ready(dcur):
+                return dcur
+            np.copyto(dyd, dcur)
+        elif d:
+            np.copyto(v["dytmp"], dcur[:, :, O:])
+            K.gather_rows(dyd.reshape(T * B, O), v["dytmp"].reshape(T * B, O), rev_index)
+        else:
+            np.copyto(dyd, dcur[:, :, :O])
+        return dyd
+
+    def _segment_dy(self, v, dcur, d, t0, n, rev_index):
+        """Checkpointed: direction d's dy over steps [t0, t0+n) of its own time
+        order, (n, B, O) contiguous; dcur (T, B, D*O) is contiguous."""
+        if self.num_directions == 1:
+            return dcur[t0:t0 + n]
+        T, B = dcur.shape[:2]
+        O = self.output_size
+        dys = v["dyd"][:n]
+        if d:  # whole rows first: gathering from a strided view would copy all of it
+            rows = _first(v["dytmp"], n * B * 2 * O).reshape(n * B, 2 * O)
+            K.gather_rows(rows, dcur.reshape(T * B, 2 * O), rev_index[t0 * B:(t0 + n) * B])
+            np.copyto(dys.reshape(n * B, O), rows[:, O:])
+        else:
+            np.copyto(dys, dcur[t0:t0 + n, :, :O])
+        return dys
+
+    def _layer_backward(self, v, tape, l, d, dyd, dx_l):
+        """BPTT through layer l, direction d over the full tape; writes (d = 0) or
+        adds (d = 1) its dx into dx_l."""
         T, B = tape.T, tape.B
         N = T * B
         tag = f"{l}{d}"
         gates, hs, rs = v[f"gates{tag}"], v[f"hs{tag}"], v[f"rs{tag}"]
         args = ((v["dh"], v["dc"], gates, v["dhs"], v["scratch_o"], v["scratch_h"],
-                 v["dyd"], hs, v[f"cs{tag}"], rs, tape.lengths)
+                 dyd, hs, v[f"cs{tag}"], rs, tape.lengths)
                 + self._weight("hh", l, d).kernel_args_t()
                 + self._proj_args(l, d, transposed=True))
         K.lstm_seq_backward(*args)
-        G, width = gates.shape[2], dx_l.shape[2]
-        dz = gates.reshape(N, G)
+        width = dx_l.shape[2]
         x2d = (v["x0"] if l == 0 else v[f"x{l}"]).reshape(N, width)
         if d:  # the reverse direction ran on its input reversed per sequence
             xr = _first(v["xrev"], N * width).reshape(N, width)
             K.gather_rows(xr, x2d, tape.rev_index)
             x2d = xr
+        self._accumulate(v, l, d, gates.reshape(N, -1), x2d, hs[:T].reshape(N, -1),
+                         v["dhs"], rs, dx_l, 0, tape.rev_index)
+
+    def _layer_backward_segments(self, v, tape, l, d, dcur, dx_l):
+        """Checkpointed BPTT through layer l, direction d: segments last to first,
+        each recomputed from its saved state, dh and dc carried between them."""
+        T, B, k = tape.T, tape.B, tape.segment
+        hs, cs, gates, rs = v["hs"], v["cs"], v["gates"], v["rs"]
+        hb, cb = v[f"hb{l}{d}"], v[f"cb{l}{d}"]
+        layer_in = v["x0"] if l == 0 else v[f"x{l}"]
+        wt = (self._weight("hh", l, d).kernel_args_t()
+              + self._proj_args(l, d, transposed=True))
+        for s in range(hb.shape[0] - 1, -1, -1):
+            t0 = s * k
+            n = min(k, T - t0)
+            hs[0], cs[0] = hb[s], cb[s]
+            xs = self._segment_forward(v, l, d, layer_in, t0, n, tape.seglens[s],
+                                       tape.rev_index)
+            dys = self._segment_dy(v, dcur, d, t0, n, tape.rev_index)
+            args = ((v["dh"], v["dc"], gates[:n], v["dhs"][:n], v["scratch_o"],
+                     v["scratch_h"], dys, hs[:n + 1], cs[:n + 1], rs[:n], tape.seglens[s])
+                    + wt)
+            K.lstm_seq_backward(*args)
+            self._accumulate(v, l, d, gates[:n].reshape(n * B, -1), xs,
+                             hs[:n].reshape(n * B, -1), v["dhs"][:n], rs[:n], dx_l, t0,
+                             tape.rev_index)
+
+    def _accumulate(self, v, l, d, dz, x2d, h2d, dhs, rs, dx_l, t0, rev_index):
+        """Gradients of the rows dz (n*B, G) of steps [t0, t0+n) of layer l,
+        direction d: add into the weight and bias gradients, and write (d = 0)
+        or add (d = 1, rows in reversed order) the dx of those steps into dx_l."""
+        rows = dz.shape[0]
         sfx = "_reverse" if d else ""
         g = self._grad_buffers
-        self._weight_grad(g[f"weight_ih_l{l}{sfx}"], dz, x2d, self._weight("ih", l, d), v)
-        self._weight_grad(g[f"weight_hh_l{l}{sfx}"], dz, hs[:T].reshape(N, -1),
-                          self._weight("hh", l, d), v)
+        w_ih = self._weight("ih", l, d)
+        self._weight_grad(g[f"weight_ih_l{l}{sfx}"], dz, x2d, w_ih, v)
+        self._weight_grad(g[f"weight_hh_l{l}{sfx}"], dz, h2d, self._weight("hh", l, d), v)
         if self.proj_size:
-            self._weight_grad(g[f"weight_hr_l{l}{sfx}"], v["dhs"].reshape(N, -1),
-                              rs.reshape(N, -1), self._weight("hr", l, d), v)
+            self._weight_grad(g[f"weight_hr_l{l}{sfx}"], dhs.reshape(rows, -1),
+                              rs.reshape(rows, -1), self._weight("hr", l, d), v)
         if self.bias:
             db = v["scratch"][0]
             np.sum(dz, axis=0, out=db)
             g[f"bias_ih_l{l}{sfx}"] += db
             g[f"bias_hh_l{l}{sfx}"] += db
-        # dx of this direction, in its own (reversed) time order, then in time order.
-        dxd = _first(v["dxd"], N * width).reshape(N, width)
-        _matmul_batch(dxd, dz, self._weight("ih", l, d), transposed=True)
-        if d:
-            dxg = _first(v["dxg"], N * width).reshape(N, width)
-            K.gather_rows(dxg, dxd, tape.rev_index)
-            dxd = dxg
-        dx2d = dx_l.reshape(N, width)
-        if first:
-            dx2d[...] = dxd
+        T, B, width = dx_l.shape
+        dx2d = dx_l.reshape(T * B, width)
+        r0 = t0 * B
+        if not d:  # the forward direction comes first: its dx goes straight in
+            _matmul_batch(dx2d[r0:r0 + rows], dz, w_ih, transposed=True)
+            return
+        dxd = _first(v["dxd"], rows * width).reshape(rows, width)
+        _matmul_batch(dxd, dz, w_ih, transposed=True)
+        dxg = _first(v["dxg"], rows * width).reshape(rows, width)
+        if rows == T * B:  # all rows: the reverse index is a permutation of them
+            K.gather_rows(dxg, dxd, rev_index)
+            dx2d += dxg
         else:
-            dx2d += dxd
+            index = rev_index[r0:r0 + rows]
+            K.gather_rows(dxg, dx2d, index)
+            dxg += dxd
+            dx2d[index] = dxg
 
     def _weight_grad(self, grad, dz, a, weight, v):
         """grad += dz^T a on the weight's storage: dense (BLAS) or its CSR pattern."""
@@ -552,8 +894,11 @@ class LSTM:
         a_t = _first(v["a_t"], C * N).reshape(C, N)
         np.copyto(dz_t, dz.T)
         np.copyto(a_t, a.T)
-        kernel = K.sddmm_acc_parallel if weight.nnz * N >= config.PARALLEL_MIN_WORK \
-            else K.sddmm_acc
+        parallel = weight.nnz * N >= config.PARALLEL_MIN_WORK
+        if weight.format == "bsr":
+            kernel = K.bsr_sddmm_acc_parallel if parallel else K.bsr_sddmm_acc
+        else:
+            kernel = K.sddmm_acc_parallel if parallel else K.sddmm_acc
         kernel(grad, dz_t, a_t, weight.indices, weight.indptr)
 
     # ------------------------------------------------------------------
@@ -567,11 +912,40 @@ class LSTM:
         return Stream(self, batch_size, state)
 
     def __repr__(self):
-        kinds = sorted({p.kind for p in self._params.values() if hasattr(p, "kind")})
+        kinds = sorted({W.describe(w) for w in self._weights().values()})
         return (f"LSTM({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
                 f"bidirectional={self.bidirectional}, proj_size={self.proj_size}, "
                 f"dtype={self.dtype.name}, weights={'+'.join(kinds)})")
+
+
+def _zero_padding(out, lengths, t0):
+    """Zero the padding in ``out`` (n, B, F), which holds steps t0 .. t0+n-1 (in
+    either direction's time order): the rows of steps t >= lengths[b]. (A
+    multiply by a broadcast mask would cost NumPy a 32-64 KiB buffer.)"""
+    for b in np.flatnonzero(lengths < t0 + out.shape[0]):
+        out[max(lengths[b] - t0, 0):, b] = 0
+
+
+def _kernel_ready(a):
+    """Whether a kernel can take ``a`` as it is (C-contiguous and writeable, the
+    array type every kernel is compiled for)."""
+    return a.flags.c_contiguous and a.flags.writeable
+
+
+def _transposed_nbytes(weight):
+    """Bytes of the W^T pattern (values, indices, indptr, perm) that a sparse
+    weight builds for backward; 0 for dense."""
+    if weight.format == "dense":
+        return 0
+    built = getattr(weight, "_transposed", None)
+    if built is not None:
+        return sum(a.nbytes for a in built)
+    C = weight.shape[1]
+    if weight.format == "bsr":
+        blocks, bc = weight.data.shape[0], weight.blocksize[1]
+        return weight.data.nbytes + blocks * (4 + 8) + (C // bc + 1) * 4
+    return weight.nnz * (weight.dtype.itemsize + 4 + 8) + (C + 1) * 4
 
 
 def _first(buf, n):
@@ -584,7 +958,7 @@ def _matmul_batch(out, x, weight, transposed=False):
     if isinstance(weight, W.Dense):
         np.matmul(x, weight.array if transposed else weight.array.T, out=out)
         return
-    args = (out, x) + (weight.kernel_args_t() if transposed else weight.kernel_args())[1:]
-    kernel = K.csr_matmul_parallel if weight.nnz * x.shape[0] >= config.PARALLEL_MIN_WORK \
-        else K.csr_matmul
+    args = (out, x) + (weight.kernel_args_t() if transposed else weight.kernel_args())
+    kernel = K.sparse_matmul_parallel if weight.nnz * x.shape[0] >= config.PARALLEL_MIN_WORK \
+        else K.sparse_matmul
     kernel(*args)

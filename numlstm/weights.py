@@ -1,19 +1,28 @@
 """Weight storage kinds, and their conversion to the raw arrays kernels take.
 
-A weight is either ``Dense`` (a C-contiguous (R, K) array) or ``CSR`` (scipy's
-three arrays, indices sorted, int32). Both hand the kernels the same four
-slots ``(dense, data, indices, indptr)``; see ``numlstm.kernels.cpu``.
+Three formats, each handing the kernels the same four slots
+``(w0, data, indices, indptr)`` (the table is in ``numlstm.kernels.cpu``):
 
-A CSR weight trains only its stored values: its gradient is a ``.data``-shaped
-array, and products with W^T go through the transposed pattern (CSR of W^T),
-built on first use together with ``perm`` so that ``data_t[:] = data[perm]``
-refreshes it after the values change.
+* ``Dense``: a C-contiguous (R, K) array.
+* ``CSR``: scipy's three arrays, indices sorted; indices and indptr int32,
+  or uint16 ("compact") when they fit; values of the model's dtype
+  (trainable), or quantized for inference: float16, or int8 with one
+  symmetric float16 scale per row.
+* ``BSR``: whole (br, bc) blocks (scipy's ``bsr_array`` layout), trainable.
+
+A sparse weight trains only its stored values: its gradient is shaped like
+``values``, and products with W^T go through the transposed pattern (CSR/BSR
+of W^T), built on first use together with ``perm`` so that the transposed
+values can be refreshed from ``values`` after an update.
 """
 
 import numpy as np
 import scipy.sparse as sp
 
-_NO_INDEX = np.zeros(0, dtype=np.int32)  # the unused CSR slots of a dense weight
+from numlstm.kernels import cpu as K
+
+_NO_INDEX = np.zeros(0, dtype=np.int32)  # the unused index slots of a dense weight
+QUANTIZED_TYPES = ("float16", "int8")
 
 
 def check_float_array(value, name, shape, dtype):
@@ -31,20 +40,58 @@ def check_float_array(value, name, shape, dtype):
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-class Dense:
+class _Weight:
+    """What every storage kind shares. ``values`` is the array kernels read
+    and training updates in place; a gradient is shaped like it."""
+
+    indices = indptr = scales = None
+
+    @property
+    def value_type(self):
+        return self.values.dtype.name
+
+    def new_grad(self):
+        return np.zeros_like(self.values)
+
+    def to_array(self):
+        """The weight as a dense (R, K) array of the model's dtype (a copy)."""
+        return self.public().toarray()
+
+    def nbytes_parts(self):
+        """Stored bytes by part: values, indices, indptr, scales. A sparse
+        weight's transposed pattern, built only for training, is not counted."""
+        def size(a):
+            return 0 if a is None else a.nbytes
+        return {"values": self.values.nbytes, "indices": size(self.indices),
+                "indptr": size(self.indptr), "scales": size(self.scales)}
+
+    @property
+    def nbytes(self):
+        """Bytes the model keeps for inference."""
+        return sum(self.nbytes_parts().values())
+
+
+class Dense(_Weight):
     """A dense (R, K) weight."""
 
-    kind = "dense"
+    format = "dense"
+    index_type = None
+    trainable = True
 
     def __init__(self, array):
         self.array = array  # (R, K)
         self.shape = array.shape
+        self.dtype = array.dtype
         self._empty = (np.zeros(0, array.dtype), _NO_INDEX, _NO_INDEX)
 
     @property
     def values(self):
-        """The array the kernels read; update it in place to train."""
         return self.array
+
+    @property
+    def nnz(self):
+        """Stored values (every entry, zeros included)."""
+        return self.array.size
 
     def kernel_args(self):
         return (self.array,) + self._empty
@@ -52,44 +99,72 @@ class Dense:
     def kernel_args_t(self):
         return self.kernel_args()
 
-    def new_grad(self):
-        return np.zeros_like(self.array)
-
     def public(self, values=None):
         """A copy as the user sees it (``values`` replaces the stored values)."""
         return np.array(self.array if values is None else values)
 
-    @property
-    def nbytes(self):
-        return self.array.nbytes
+    def to_array(self):
+        return self.array.copy()
 
 
-class CSR:
-    """A CSR (R, K) weight that stores, multiplies and trains only its pattern."""
+class CSR(_Weight):
+    """A CSR (R, K) weight that stores and multiplies only its pattern.
 
-    kind = "csr"
+    Parameters
+    ----------
+    data : array (nnz,)
+        Values: the model's dtype (trainable), float16, or int8 (then
+        ``scales`` is required and value = data * scales[row]).
+    indices : array (nnz,) int32 or uint16
+        Column of each value, sorted within each row.
+    indptr : array (R + 1,) int32 or uint16
+    shape : (R, K)
+    dtype : the model's dtype
+    scales : array (R,) float16, only for int8 values
+    """
 
-    def __init__(self, data, indices, indptr, shape):
+    format = "csr"
+
+    def __init__(self, data, indices, indptr, shape, dtype=None, scales=None):
         self.data = data  # (nnz,)
-        self.indices = indices  # (nnz,) int32, sorted within each row
-        self.indptr = indptr  # (R + 1,) int32
+        self.indices = indices  # (nnz,) int32 or uint16, sorted within each row
+        self.indptr = indptr  # (R + 1,) int32 or uint16
         self.shape = tuple(shape)
-        self._no_dense = np.zeros((0, 0), data.dtype)
+        self.dtype = np.dtype(dtype if dtype is not None else data.dtype)
+        self.scales = scales  # (R,) float16 for int8 values, else None
+        self._no_dense = np.zeros((0, 0), self.dtype)
         self._transposed = None  # (data_t, indices_t, indptr_t, perm), built lazily
+        if data.dtype == np.int8:
+            w0, kdata = scales.view(np.uint16).reshape(-1, 1), data  # (R, 1) scale bits
+        elif data.dtype == np.float16:
+            w0, kdata = self._no_dense, data.view(np.uint16)  # kernels read the bits
+        else:
+            w0, kdata = self._no_dense, data
+        self._args = (w0, kdata, indices, indptr)
 
     @property
     def values(self):
         return self.data
 
     @property
+    def index_type(self):
+        return self.indices.dtype.name
+
+    @property
+    def trainable(self):
+        return self.value_type not in QUANTIZED_TYPES
+
+    @property
     def nnz(self):
         return self.data.shape[0]
 
     def kernel_args(self):
-        return self._no_dense, self.data, self.indices, self.indptr
+        return self._args
 
     def kernel_args_t(self):
         """The CSR pattern of W^T, its values refreshed from ``data``."""
+        if not self.trainable:
+            raise TypeError(f"a {self.value_type} weight is for inference only")
         if self._transposed is None:
             self._transposed = _transpose_pattern(self.indices, self.indptr, self.shape,
                                                   self.data.dtype)
@@ -97,53 +172,133 @@ class CSR:
         np.take(self.data, perm, out=data_t)
         return self._no_dense, data_t, indices_t, indptr_t
 
-    def new_grad(self):
-        return np.zeros_like(self.data)
+    def dequantized(self):
+        """The values as the model's dtype (nnz,): data itself when trainable."""
+        if self.value_type == "int8":
+            rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+            return self.data.astype(self.dtype) * self.scales[rows].astype(self.dtype)
+        return self.data.astype(self.dtype, copy=False)
+
+    def public(self, values=None):
+        """A ``csr_array`` copy (quantized values come back dequantized)."""
+        data = self.dequantized() if values is None else values
+        return sp.csr_array((np.array(data), self.indices.astype(np.int32),
+                             self.indptr.astype(np.int32)), shape=self.shape)
+
+
+class BSR(_Weight):
+    """A block-sparse (R, K) weight: whole (br, bc) blocks, scipy's BSR layout.
+
+    data (nblocks, br, bc); indices (nblocks,) int32, the block column of
+    each block, sorted within each block row; indptr (R/br + 1,) int32.
+    Contiguous blocks let the kernels keep several rows' sums in registers.
+    """
+
+    format = "bsr"
+    index_type = "int32"
+    trainable = True
+
+    def __init__(self, data, indices, indptr, shape):
+        self.data = data  # (nblocks, br, bc)
+        self.indices = indices  # (nblocks,) int32
+        self.indptr = indptr  # (R / br + 1,) int32
+        self.shape = tuple(shape)
+        self.dtype = data.dtype
+        self.blocksize = data.shape[1:]
+        self._no_dense = np.zeros((0, 0), data.dtype)
+        self._transposed = None
+
+    @property
+    def values(self):
+        return self.data
+
+    @property
+    def nnz(self):
+        """Stored values (every entry of every stored block)."""
+        return self.data.size
+
+    def kernel_args(self):
+        return self._no_dense, self.data, self.indices, self.indptr
+
+    def kernel_args_t(self):
+        """The BSR pattern of W^T ((bc, br) blocks), refreshed from ``data``."""
+        if self._transposed is None:
+            self._transposed = _transpose_blocks(self.data, self.indices, self.indptr,
+                                                 self.shape)
+        data_t, indices_t, indptr_t, perm = self._transposed
+        K.gather_blocks_t(data_t, self.data, perm)
+        return self._no_dense, data_t, indices_t, indptr_t
 
     def public(self, values=None):
         data = self.data if values is None else values
-        return sp.csr_array((data.copy(), self.indices.copy(), self.indptr.copy()),
+        return sp.bsr_array((np.array(data), self.indices.copy(), self.indptr.copy()),
                             shape=self.shape)
 
-    @property
-    def nbytes(self):
-        """Bytes the model keeps for inference (the transposed pattern, built
-        only for training, is not counted)."""
-        return self.data.nbytes + self.indices.nbytes + self.indptr.nbytes
+
+def describe(weight):
+    """A short storage description: ``dense float32``, ``csr float16/uint16``, ..."""
+    if weight.format == "dense":
+        return f"dense {weight.value_type}"
+    if weight.format == "bsr":
+        br, bc = weight.blocksize
+        return f"bsr {br}x{bc} {weight.value_type}"
+    return f"csr {weight.value_type}/{weight.index_type}"
 
 
 def _transpose_pattern(indices, indptr, shape, dtype):
     nnz = indices.shape[0]
-    order = sp.csr_array((np.arange(nnz, dtype=np.int64), indices, indptr), shape=shape)
+    order = sp.csr_array((np.arange(nnz, dtype=np.int64), indices.astype(np.int32), indptr),
+                         shape=shape)
     t = order.T.tocsr()
     t.sort_indices()
     perm = np.ascontiguousarray(t.data, dtype=np.int64)
     return (np.empty(nnz, dtype), t.indices.astype(np.int32), t.indptr.astype(np.int32), perm)
 
 
-def from_value(value, name, shape, dtype):
-    """Build a weight from a user value: a NumPy array or a scipy sparse matrix.
+def _transpose_blocks(data, indices, indptr, shape):
+    """Block pattern of W^T: the transposed block-level CSR plus ``perm``."""
+    br, bc = data.shape[1:]
+    nb = data.shape[0]
+    grid = (shape[0] // br, shape[1] // bc)
+    _, indices_t, indptr_t, perm = _transpose_pattern(indices, indptr, grid, np.int64)
+    data_t = np.empty((nb, bc, br), data.dtype)
+    return data_t, indices_t, indptr_t, perm
 
-    Sparse values of any scipy format are converted to CSR (duplicates summed,
-    indices sorted); explicitly stored zeros stay in the pattern and train.
-    Raises TypeError / ValueError naming ``name`` on a wrong type, dtype or
-    shape, and ValueError on non-finite values.
+
+def _check_finite(values, name):
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be finite, got NaN or inf values")
+
+
+def from_value(value, name, shape, dtype):
+    """Build a trainable weight from a user value: a NumPy array or scipy sparse.
+
+    A scipy BSR value (``bsr_array`` / ``bsr_matrix``) stays block-sparse;
+    other scipy formats become CSR (duplicates summed, indices sorted);
+    explicitly stored zeros stay in the pattern and train. Raises TypeError /
+    ValueError naming ``name`` on a wrong type, dtype or shape, and
+    ValueError on non-finite values.
     """
     if sp.issparse(value):
         if value.dtype.kind != "f":
             raise TypeError(f"{name} must hold floating-point values, got dtype {value.dtype}")
         if value.shape != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {value.shape}")
+        if value.format == "bsr":
+            bsr = sp.bsr_array(value, dtype=dtype, copy=True)
+            bsr.sum_duplicates()
+            bsr.sort_indices()
+            _check_finite(bsr.data, name)
+            return BSR(np.ascontiguousarray(bsr.data, dtype=dtype),
+                       bsr.indices.astype(np.int32), bsr.indptr.astype(np.int32), shape)
         csr = sp.csr_array(value, dtype=dtype, copy=True)
         csr.sum_duplicates()
         csr.sort_indices()
         if csr.nnz >= 2**31:
             raise ValueError(f"{name} has {csr.nnz} stored values; at most 2**31 - 1 fit")
-        if not np.all(np.isfinite(csr.data)):
-            raise ValueError(f"{name} must be finite, got NaN or inf values")
+        _check_finite(csr.data, name)
         return CSR(np.ascontiguousarray(csr.data, dtype=dtype),
                    csr.indices.astype(np.int32), csr.indptr.astype(np.int32), shape)
     arr = check_float_array(value, name, shape, dtype)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got NaN or inf values")
+    _check_finite(arr, name)
     return Dense(arr.copy())

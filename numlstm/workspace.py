@@ -11,6 +11,32 @@ import numpy as np
 _ALIGN = 64  # bytes; a cache line, and enough for any SIMD load
 
 
+def plan_layout(spec, dtype):
+    """Where ``Workspace.carve`` puts each view of ``spec``, in elements.
+
+    Returns ``(entries, total)``: ``entries`` lists ``(name, shape, offset,
+    size, padded)`` (``padded`` is the size rounded up to the 64-byte
+    alignment) and ``total`` the elements the views span. A block for the plan
+    holds ``total`` plus one alignment step (room to align its start), so its
+    bytes are ``(total + step) * itemsize``: see ``plan_nbytes``.
+    """
+    step = _ALIGN // np.dtype(dtype).itemsize
+    entries, total = [], 0
+    for name, shape in spec:
+        size = int(np.prod(shape, dtype=np.int64))
+        padded = -(-size // step) * step
+        entries.append((name, tuple(shape), total, size, padded))
+        total += padded
+    return entries, total
+
+
+def plan_nbytes(spec, dtype):
+    """Bytes of the block that ``carve(spec)`` allocates for an empty workspace."""
+    itemsize = np.dtype(dtype).itemsize
+    _, total = plan_layout(spec, dtype)
+    return (total + _ALIGN // itemsize) * itemsize
+
+
 class Workspace:
     """A growable block of ``dtype`` elements, carved into named views.
 
@@ -31,6 +57,11 @@ class Workspace:
         """Bytes held by the block."""
         return self._block.nbytes
 
+    def release(self):
+        """Drop the block (and the views into it); the next ``carve`` allocates anew."""
+        self._block = np.zeros(0, self.dtype)
+        self.views = {}
+
     def carve(self, spec):
         """Lay out ``spec`` (an iterable of ``(name, shape)``) and return the views.
 
@@ -38,16 +69,12 @@ class Workspace:
         initialise what they read.
         """
         step = _ALIGN // self.dtype.itemsize
-        offsets, total = [], 0
-        for name, shape in spec:
-            size = int(np.prod(shape, dtype=np.int64))
-            offsets.append((name, tuple(shape), total, size))
-            total += -(-size // step) * step
+        offsets, total = plan_layout(spec, self.dtype)
         if total + step > self._block.size:
             self._block = np.zeros(total + step, self.dtype)  # grow, never shrink
         # Start at the first aligned element of the block.
         base = (-self._block.ctypes.data % _ALIGN) // self.dtype.itemsize
         block = self._block[base:]
         self.views = {name: block[off:off + size].reshape(shape)
-                      for name, shape, off, size in offsets}
+                      for name, shape, off, size, _ in offsets}
         return self.views

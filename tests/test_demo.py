@@ -2,11 +2,10 @@
 
 import math
 
-import numpy as np
 import pytest
 
 from numlstm import cli
-from numlstm.demo import encode, load_corpus, prune_state, run_demo
+from numlstm.demo import encode, load_corpus, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +45,6 @@ def test_corpus_split_and_encoding():
     assert train.min() >= 0 and train.max() < len(alphabet)
     assert valid.min() >= 0 and valid.max() < len(alphabet)
     assert "\n" in alphabet and " " in alphabet
-
-
-def test_prune_state_keeps_largest_magnitudes():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((40, 25)).astype(np.float32)
-    b = rng.standard_normal(40).astype(np.float32)
-    out = prune_state({"weight_ih_l0": w, "bias_ih_l0": b}, 0.9)
-    csr = out["weight_ih_l0"]
-    assert csr.nnz == 100
-    kept = np.abs(csr.data)
-    dropped = np.abs(w)[csr.toarray() == 0]
-    assert kept.min() >= dropped.max()
-    np.testing.assert_array_equal(csr.toarray()[csr.toarray() != 0], w[csr.toarray() != 0])
-    assert out["bias_ih_l0"] is b
 
 
 def test_cli_rejects_bad_arguments(capsys):

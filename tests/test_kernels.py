@@ -13,6 +13,7 @@ from reference import sigmoid as reference_sigmoid
 import numlstm
 from numlstm import weights as W
 from numlstm.kernels import cpu as K
+from numlstm.quantize import quantize_weight
 
 
 @njit
@@ -58,25 +59,57 @@ shapes = st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(1, 9),
                    st.sampled_from([0.0, 0.3, 1.0]), st.sampled_from([np.float32, np.float64]))
 
 
+def _divisor(n, choices=(4, 3, 2, 1)):
+    return next(b for b in choices if n % b == 0)
+
+
+def _kinds(rng, R, C, density, dtype):
+    """(weight, the dense matrix it stands for, tolerance) for every storage kind."""
+    csr, dense = _random_csr(rng, R, C, density, dtype)
+    blocked = sp.bsr_array(dense, blocksize=(_divisor(R), _divisor(C)))
+    bsr = W.from_value(blocked, "w", (R, C), dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    out = [(W.Dense(dense.copy()), dense, tol), (csr, dense, tol),
+           (quantize_weight(csr, None, "uint16"), dense, tol), (bsr, blocked.toarray(), tol)]
+    for values in ("float16", "int8"):
+        q = quantize_weight(csr, values, "uint16")
+        out.append((q, q.to_array(), tol))  # exact products of the stored values
+    return out
+
+
 @given(shapes, st.integers(0, 1000))
 def test_products_match_numpy(shape, seed):
     N, R, C, density, dtype = shape
     rng = np.random.default_rng(seed)
-    w, dense = _random_csr(rng, R, C, density, dtype)
     x = rng.standard_normal((N, C)).astype(dtype)
     xr = rng.standard_normal((N, R)).astype(dtype)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
-    for weight in (w, W.Dense(dense.copy())):
+    for weight, dense, tol in _kinds(rng, R, C, density, dtype):
         out = np.full((N, R), np.nan, dtype)
         K.matmul(out, x, *weight.kernel_args())
-        np.testing.assert_allclose(out, x @ dense.T, **tol)
-        out_t = np.full((N, C), np.nan, dtype)
-        K.matmul_t(out_t, xr, *weight.kernel_args_t())
-        np.testing.assert_allclose(out_t, xr @ dense, **tol)
-    for kernel in (K.csr_matmul, K.csr_matmul_parallel):
-        out = np.full((N, R), np.nan, dtype)
-        kernel(out, x, *w.kernel_args()[1:])
-        np.testing.assert_allclose(out, x @ dense.T, **tol)
+        np.testing.assert_allclose(out, x @ dense.T, err_msg=W.describe(weight), **tol)
+        if weight.format != "dense":
+            for kernel in (K.sparse_matmul, K.sparse_matmul_parallel):
+                out = np.full((N, R), np.nan, dtype)
+                kernel(out, x, *weight.kernel_args())
+                np.testing.assert_allclose(out, x @ dense.T, **tol)
+        if weight.trainable:
+            out_t = np.full((N, C), np.nan, dtype)
+            K.matmul_t(out_t, xr, *weight.kernel_args_t())
+            np.testing.assert_allclose(out_t, xr @ dense, err_msg=W.describe(weight), **tol)
+        else:
+            with pytest.raises(TypeError, match="inference only"):
+                weight.kernel_args_t()
+
+
+def test_quantized_values_are_close_to_the_float_weight():
+    rng = np.random.default_rng(1)
+    csr, dense = _random_csr(rng, 64, 48, 0.2, np.float32)
+    f16 = quantize_weight(csr, "float16").to_array()
+    np.testing.assert_allclose(f16, dense, rtol=2**-11, atol=0)
+    i8 = quantize_weight(csr, "int8").to_array()
+    scale = np.abs(dense).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(i8 - dense) <= 0.57 * scale + 1e-7)
+    assert np.all((i8 != 0) <= (dense != 0))  # the pattern is kept
 
 
 @given(shapes, st.integers(0, 1000))
@@ -85,11 +118,23 @@ def test_sddmm_accumulates_the_gradient_on_the_pattern(shape, seed):
     rng = np.random.default_rng(seed)
     w, dense = _random_csr(rng, R, C, density, dtype)
     dz, a = rng.standard_normal((N, R)).astype(dtype), rng.standard_normal((N, C)).astype(dtype)
-    expected = (dz.T @ a)[dense != 0]  # row-major order == CSR order with sorted indices
+    dz_t, a_t = np.ascontiguousarray(dz.T), np.ascontiguousarray(a.T)
+    full = dz.T @ a
+    rtol = 1e-4 if dtype == np.float32 else 1e-12
+    expected = full[dense != 0]  # row-major order == CSR order with sorted indices
     for kernel in (K.sddmm_acc, K.sddmm_acc_parallel):
         g = np.ones(w.nnz, dtype)
-        kernel(g, np.ascontiguousarray(dz.T), np.ascontiguousarray(a.T), w.indices, w.indptr)
-        np.testing.assert_allclose(g, 1 + expected, rtol=1e-4 if dtype == np.float32 else 1e-12)
+        kernel(g, dz_t, a_t, w.indices, w.indptr)
+        np.testing.assert_allclose(g, 1 + expected, rtol=rtol)
+    bsr = W.from_value(sp.bsr_array(dense, blocksize=(_divisor(R), _divisor(C))), "w",
+                       (R, C), dtype)
+    expected = sp.bsr_array((np.ones_like(bsr.data), bsr.indices, bsr.indptr),
+                            shape=(R, C)).toarray() * full  # full blocks of dz^T a
+    for kernel in (K.bsr_sddmm_acc, K.bsr_sddmm_acc_parallel):
+        g = np.ones_like(bsr.data)
+        kernel(g, dz_t, a_t, bsr.indices, bsr.indptr)
+        got = sp.bsr_array((g - 1, bsr.indices, bsr.indptr), shape=(R, C)).toarray()
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
 
 
 def test_transposed_pattern_refreshes_after_in_place_updates():
@@ -121,11 +166,12 @@ def test_sequence_kernels_allocate_nothing_per_time_step():
     for T in (2, 40):
         model(np.ones((T, 2, 3), np.float32), training=True)  # fills the tape's buffers
         v, lengths = model._tape.views, model._tape.lengths
+        dy = np.ones((T, 2, 2), np.float32)  # with D = 1 backward reads dy itself
         forward = ((v["hs00"], v["cs00"], v["gates00"], v["rs00"], v["scratch"], lengths)
                    + model._biases(0, 0) + model._weight("hh", 0, 0).kernel_args()
                    + model._proj_args(0, 0))
         backward = ((v["dh"], v["dc"], v["gates00"], v["dhs"], v["scratch_o"], v["scratch_h"],
-                     v["dyd"], v["hs00"], v["cs00"], v["rs00"], lengths)
+                     dy, v["hs00"], v["cs00"], v["rs00"], lengths)
                     + model._weight("hh", 0, 0).kernel_args_t()
                     + model._proj_args(0, 0, transposed=True))
         K.lstm_seq_forward(*forward)  # compile outside the count

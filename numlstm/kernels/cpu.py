@@ -7,11 +7,22 @@ Conventions (DESIGN.md §3):
 
 * Arguments: outputs first, then inputs, then weights. Sizes are read off the
   array shapes, so no size arguments are needed.
-* A weight crosses into a kernel as four arrays ``(dense, data, indices,
-  indptr)``. A dense weight passes its (R, K) matrix and empty CSR arrays; a
-  CSR weight passes a (0, 0) ``dense`` and its raw CSR arrays (indices sorted,
-  int32). ``dense.shape[0] > 0`` selects the dense path. Products with W^T for
-  a CSR weight take the transposed pattern (CSR of W^T) in the same four slots.
+* A weight crosses into a kernel as four arrays ``(w0, data, indices,
+  indptr)``; the array types say which storage kind it is:
+
+  ====================  ====================  ==================  ===============
+  kind                  w0                    data                indices, indptr
+  ====================  ====================  ==================  ===============
+  dense                 (R, K)                empty, float        empty
+  CSR                   (0, 0)                (nnz,) float        int32 or uint16
+  CSR, float16 values   (0, 0)                (nnz,) uint16 bits  int32 or uint16
+  CSR, int8 values      (R, 1) float16 scale  (nnz,) int8         int32 or uint16
+                        bits
+  BSR (br x bc blocks)  (0, 0)                (nblocks, br, bc)   over block rows
+  ====================  ====================  ==================  ===============
+
+  Indices are sorted within each row. Products with W^T for a sparse weight
+  take the transposed pattern (CSR/BSR of W^T) in the same four slots.
 * Every product here writes ``out = x @ W^T`` (overwrite, never accumulate),
   with x (N, K), W (R, K), out (N, R).
 * Kernels never allocate; every buffer comes from the caller's workspace.
@@ -115,6 +126,46 @@ def _sigmoid_overload(z):
 # ----------------------------------------------------------------------------
 
 @njit(inline="always", **_OPTS)
+def _half_to_float(h):
+    """IEEE float16 bits (uint16) -> float32, exact for finite halves.
+
+    numba has no float16 type on the CPU, so float16 weights cross as their
+    uint16 bits. Shifting the exponent and mantissa into float32 position and
+    scaling by 2**112 (the exponent bias difference) rebuilds normal and
+    subnormal values alike in two integer ops and one multiply; inf/NaN would
+    come out finite, which is why quantized weights are checked finite.
+    """
+    bits = np.uint32(np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)
+    sign = np.uint32(np.uint32(h) & np.uint32(0x8000)) << np.uint32(16)
+    return np.uint32(bits | sign).view(np.float32) * np.float32(2.0 ** 112)
+
+
+def _load(v, zero):
+    """A stored weight value as the accumulator's type (``zero`` gives the type)."""
+    return zero + v
+
+
+@overload(_load, jit_options=_OPTS)
+def _load_overload(v, zero):
+    if v == nbtypes.uint16:  # float16 bits
+        return lambda v, zero: zero + _half_to_float(v)
+    if isinstance(v, nbtypes.Integer):  # int8 quantized, scaled per row afterwards
+        return lambda v, zero: zero + np.float32(v)
+    return lambda v, zero: zero + v
+
+
+def _row_scale(acc, w0, r, data):
+    return acc
+
+
+@overload(_row_scale, jit_options=_OPTS)
+def _row_scale_overload(acc, w0, r, data):
+    if data.dtype == nbtypes.int8:  # int8 values: w0 holds the float16 row scales (R, 1)
+        return lambda acc, w0, r, data: acc * _half_to_float(w0[r, 0])
+    return lambda acc, w0, r, data: acc
+
+
+@njit(inline="always", **_OPTS)
 def _csr_row_dot(xn, data, indices, start, end):
     """sum_k data[k] * xn[indices[k]] over one CSR row, k in [start, end)."""
     # Slicing the row and indexing through an unsigned index (the indices are
@@ -123,39 +174,90 @@ def _csr_row_dot(xn, data, indices, start, end):
     row_data, row_idx = data[start:end], indices[start:end]
     acc = xn.dtype.type(0)
     for k in range(end - start):
-        acc += row_data[k] * xn[np.uint32(row_idx[k])]
+        acc += _load(row_data[k], xn.dtype.type(0)) * xn[np.uint32(row_idx[k])]
     return acc
 
 
-def _csr_matmul(out, x, data, indices, indptr):
-    """out (N, R) = x (N, K) @ W^T for CSR W (R, K); the parallel variant (for
-    the N = T*B rows of a whole sequence) splits the rows of x over threads."""
-    for n in prange(x.shape[0]):
-        xn, on = x[n], out[n]
+def _sparse_row(on, xn, w0, data, indices, indptr):
+    """on (R,) = W xn for one row xn (K,) of a sparse weight (CSR or BSR)."""
+
+
+@overload(_sparse_row, jit_options=_OPTS)
+def _sparse_row_overload(on, xn, w0, data, indices, indptr):
+    if data.ndim == 3:  # BSR: data (nblocks, br, bc), indices and indptr over blocks
+        def bsr_row(on, xn, w0, data, indices, indptr):
+            br, bc = data.shape[1], data.shape[2]
+            for rb in range(indptr.shape[0] - 1):
+                orow = on[rb * br:(rb + 1) * br]
+                orow[:] = 0
+                for k in range(indptr[rb], indptr[rb + 1]):
+                    c0 = np.uint32(indices[k]) * bc
+                    blk = data[k]
+                    # Loop order by block shape (measured): narrow blocks scale
+                    # one input down a column; wide ones sum each row first.
+                    if bc == 1:
+                        xv = xn[c0]
+                        for i in range(br):
+                            orow[i] += blk[i, 0] * xv
+                    else:
+                        for i in range(br):
+                            acc = xn.dtype.type(0)
+                            for j in range(bc):
+                                acc += blk[i, j] * xn[c0 + j]
+                            orow[i] += acc
+        return bsr_row
+
+    def csr_row(on, xn, w0, data, indices, indptr):
         for r in range(indptr.shape[0] - 1):
-            on[r] = _csr_row_dot(xn, data, indices, indptr[r], indptr[r + 1])
+            acc = _csr_row_dot(xn, data, indices, indptr[r], indptr[r + 1])
+            on[r] = _row_scale(acc, w0, r, data)
+    return csr_row
 
 
-csr_matmul, csr_matmul_parallel = _variants(_csr_matmul)
+def _sparse_matmul(out, x, w0, data, indices, indptr):
+    """out (N, R) = x (N, K) @ W^T for a sparse W (R, K): CSR of any value
+    kind, or BSR. The parallel variant (for the N = T*B rows of a whole
+    sequence) splits the rows of x over threads."""
+    for n in prange(x.shape[0]):
+        _sparse_row(out[n], x[n], w0, data, indices, indptr)
+
+
+sparse_matmul, sparse_matmul_parallel = _variants(_sparse_matmul)
+
+
+def _product(out, x, w0, data, indices, indptr, transposed):
+    """out = x @ W^T (x @ W with W^T's pattern when ``transposed``)."""
+
+
+@overload(_product, jit_options=_OPTS)
+def _product_overload(out, x, w0, data, indices, indptr, transposed):
+    if data.ndim == 1 and isinstance(data.dtype, nbtypes.Float):
+        # Dense, or float CSR (which passes an empty w0): decided at run time.
+        def dense_or_csr(out, x, w0, data, indices, indptr, transposed):
+            if w0.shape[0] > 0 and transposed:
+                np.dot(x, w0, out)
+            elif w0.shape[0] > 0:
+                np.dot(x, w0.T, out)  # (w0.T is F-ordered: one branch per layout for BLAS)
+            else:
+                sparse_matmul(out, x, w0, data, indices, indptr)
+        return dense_or_csr
+    # BSR, float16 and int8 kinds: sparse by type (their w0 is no matrix).
+    return lambda out, x, w0, data, indices, indptr, transposed: \
+        sparse_matmul(out, x, w0, data, indices, indptr)
 
 
 @njit(**_OPTS)
-def matmul(out, x, dense, data, indices, indptr):
+def matmul(out, x, w0, data, indices, indptr):
     """out (N, R) = x (N, K) @ W^T, W (R, K) dense (BLAS, which has its own
-    threads) or CSR (our row loop): a per-step product."""
-    if dense.shape[0] > 0:
-        np.dot(x, dense.T, out)
-    else:
-        csr_matmul(out, x, data, indices, indptr)
+    threads) or sparse (our row loops): a per-step product."""
+    _product(out, x, w0, data, indices, indptr, False)
 
 
 @njit(**_OPTS)
-def matmul_t(out, x, dense, data_t, indices_t, indptr_t):
-    """out (N, K) = x (N, R) @ W, W (R, K): dense W (BLAS), or the CSR pattern of W^T."""
-    if dense.shape[0] > 0:
-        np.dot(x, dense, out)
-    else:
-        csr_matmul(out, x, data_t, indices_t, indptr_t)
+def matmul_t(out, x, w0, data_t, indices_t, indptr_t):
+    """out (N, K) = x (N, R) @ W, W (R, K): dense W (BLAS), or the sparse
+    pattern of W^T (the training kinds: float CSR or BSR)."""
+    _product(out, x, w0, data_t, indices_t, indptr_t, True)
 
 
 def _sddmm_acc(gdata, dz_t, a_t, indices, indptr):
@@ -177,6 +279,28 @@ def _sddmm_acc(gdata, dz_t, a_t, indices, indptr):
 
 
 sddmm_acc, sddmm_acc_parallel = _variants(_sddmm_acc)
+
+
+def _bsr_sddmm_acc(gdata, dz_t, a_t, indices, indptr):
+    """``_sddmm_acc`` for BSR: gdata (nblocks, br, bc) over the stored blocks,
+    block row rb covering rows rb*br ... and block k columns indices[k]*bc ...
+    Block rows are split over threads."""
+    br, bc = gdata.shape[1], gdata.shape[2]
+    zero = gdata.dtype.type(0)
+    for rb in prange(indptr.shape[0] - 1):
+        for k in range(indptr[rb], indptr[rb + 1]):
+            c0 = indices[k] * bc
+            for i in range(br):
+                dz_row = dz_t[rb * br + i]
+                for j in range(bc):
+                    a_row = a_t[c0 + j]
+                    acc = zero
+                    for n in range(dz_t.shape[1]):
+                        acc += dz_row[n] * a_row[n]
+                    gdata[k, i, j] += acc
+
+
+bsr_sddmm_acc, bsr_sddmm_acc_parallel = _variants(_bsr_sddmm_acc)
 
 
 # ----------------------------------------------------------------------------
@@ -361,6 +485,16 @@ def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
 # ----------------------------------------------------------------------------
 # Small helpers for the drivers
 # ----------------------------------------------------------------------------
+
+@njit(**_OPTS)
+def gather_blocks_t(out, data, perm):
+    """out[k] = data[perm[k]].T: refreshes the blocks of a BSR weight's transpose."""
+    for k in range(perm.shape[0]):
+        src = data[perm[k]]
+        for i in range(out.shape[1]):
+            for j in range(out.shape[2]):
+                out[k, i, j] = src[j, i]
+
 
 @njit(**_OPTS)
 def gather_rows(out, x, index):

@@ -1,0 +1,98 @@
+"""Compact and quantized storage for sparse weights (inference only when quantized).
+
+Three independent savings on a CSR weight:
+
+* indices as uint16 instead of int32 when the weight has at most 65536
+  columns, and indptr as uint16 when it stores at most 65535 values (exact;
+  the model still trains);
+* values as float16 (relative error <= 2**-11 per weight);
+* values as int8 with one symmetric scale per row, the scale stored as
+  float16: ``value = q * scale[row]``, ``scale[row] ~ max |row| / 127``,
+  q in [-127, 127] (error <= 0.57 scale per weight: half a step, plus the
+  scale's own 2**-11 rounding over at most 127 steps).
+
+Kernels read these kinds directly and convert each value in a register; no
+dense or float32 copy is ever made. A model with float16 or int8 values is
+for inference: ``forward(..., training=True)`` raises a TypeError.
+"""
+
+import numpy as np
+
+from numlstm import weights as W
+
+VALUE_TYPES = (None, "float16", "int8")
+INDEX_TYPES = ("auto", "uint16", "int32")
+_UINT16_COLUMNS = 2**16
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def quantize(model, values="int8", indices="auto", *, skip_dense=False):
+    """Re-store every CSR weight of ``model`` compactly, in place.
+
+    Parameters
+    ----------
+    model : numlstm.LSTM
+    values : {"int8", "float16", None}
+        Value storage; None keeps the model's float dtype (trainable).
+    indices : {"auto", "uint16", "int32"}
+        "auto" picks uint16 for every weight with at most 65536 columns.
+    skip_dense : bool
+        Dense and block-sparse weights cannot be quantized here (prune them to
+        CSR first, ``numlstm.prune.magnitude``): by default their presence is
+        an error; True leaves them as they are.
+
+    Returns
+    -------
+    numlstm.LSTM
+        The model, with fresh zero gradients.
+    """
+    if values not in VALUE_TYPES:
+        raise ValueError(f"values must be one of {VALUE_TYPES}, got {values!r}")
+    if indices not in INDEX_TYPES:
+        raise ValueError(f"indices must be one of {INDEX_TYPES}, got {indices!r}")
+    weights = model._weights()
+    other = [name for name, w in weights.items() if w.format != "csr"]
+    if other and not skip_dense:
+        raise ValueError(f"quantize works on CSR weights; {', '.join(other)} "
+                         "are dense or block-sparse: prune them to CSR first "
+                         "(numlstm.prune.magnitude) or pass skip_dense=True")
+    params = dict(model._params)
+    for name, w in weights.items():
+        if w.format == "csr":
+            params[name] = quantize_weight(w, values, indices, name=name)
+    model._install(params)
+    return model
+
+
+def quantize_weight(weight, values, indices="auto", name="weight"):
+    """A new ``weights.CSR`` with the requested value and index storage.
+
+    ``weight`` may itself be quantized: values are requantized from its
+    dequantized form. Raises ValueError naming ``name`` if ``indices="uint16"``
+    and the weight has more than 65536 columns, or if float16 cannot hold a
+    value (|w| > 65504).
+    """
+    R, C = weight.shape
+    if indices == "uint16" and C > _UINT16_COLUMNS:
+        raise ValueError(f"{name} has {C} columns; uint16 indices hold at most "
+                         f"{_UINT16_COLUMNS}")
+    small = indices == "uint16" or (indices == "auto" and C <= _UINT16_COLUMNS)
+    index = weight.indices.astype(np.uint16 if small else np.int32)
+    indptr = weight.indptr.astype(np.uint16 if small and weight.nnz < 2**16 else np.int32)
+    data = weight.dequantized()
+    scales = None
+    if values == "float16":
+        if data.size and np.max(np.abs(data)) > _FLOAT16_MAX:
+            raise ValueError(f"{name} has values beyond float16's range "
+                             f"(|w| <= {_FLOAT16_MAX:g}), max |w| = {np.max(np.abs(data)):g}")
+        data = data.astype(np.float16)
+    elif values == "int8":
+        rows = np.repeat(np.arange(R), np.diff(weight.indptr))
+        peak = np.zeros(R, weight.dtype)
+        np.maximum.at(peak, rows, np.abs(data))
+        scales = np.where(peak > 0, peak / 127, 1).astype(np.float16)
+        data = np.clip(np.rint(data / scales[rows].astype(weight.dtype)), -127, 127) \
+            .astype(np.int8)
+    else:
+        data = np.array(data, dtype=weight.dtype)
+    return W.CSR(data, index, indptr, weight.shape, dtype=weight.dtype, scales=scales)
