@@ -1,0 +1,449 @@
+"""ONNX <-> numlstm: standard ONNX ``LSTM`` operator nodes.
+
+The ONNX LSTM (opsets 7 and 14) holds, per node,
+W (D, 4H, I), R (D, 4H, H), B (D, 8H) = [Wb, Rb], gates in the order
+i, o, f, c. numlstm's gate order is i, f, g, o, so block k of ours is block
+``_FROM_ONNX[k]`` of theirs; Wb and Rb become ``bias_ih`` and ``bias_hh``.
+The onnx package is imported inside the functions (an optional dependency);
+ONNX Runtime is not needed here, only to run what ``to_onnx`` writes.
+"""
+
+import os
+
+import numpy as np
+
+from numlstm.convert._common import check_dtype, check_model, dense_state
+
+_FROM_ONNX = [0, 2, 3, 1]  # ours (i, f, g, o) <- ONNX (i, o, f, c)
+_TO_ONNX = [0, 3, 1, 2]  # ONNX (i, o, f, c) <- ours (i, f, g, o)
+_GLUE = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
+_DEFAULT_ACTIVATIONS = ["sigmoid", "tanh", "tanh"]
+
+
+def _gates(a, H, order, dtype=None):
+    """Reorder the four H-row gate blocks of a (4H, ...) or (4H,) array."""
+    out = a.reshape((4, H) + a.shape[1:])[order].reshape(a.shape)
+    return np.ascontiguousarray(out, dtype=a.dtype if dtype is None else dtype)
+
+
+def _load(model_or_path):
+    import onnx
+
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return onnx.load(os.fspath(model_or_path))
+    if isinstance(model_or_path, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(model_or_path))
+    raise TypeError("model_or_path must be an onnx.ModelProto, a file path or the "
+                    f"serialized bytes of a model, got {type(model_or_path).__name__}")
+
+
+def _constants(graph):
+    """name -> NumPy array of every initializer and Constant node output."""
+    from onnx import helper, numpy_helper
+
+    out = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attr in node.attribute:
+            value = helper.get_attribute_value(attr)
+            if attr.name == "value":
+                out[node.output[0]] = numpy_helper.to_array(value)
+            elif attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+                out[node.output[0]] = np.array(value)
+    return out
+
+
+class _Node:
+    """One ONNX LSTM node, checked and converted to numlstm's layout."""
+
+    def __init__(self, node, index, consts, allow_reverse, dtype):
+        from onnx import helper
+
+        self.node = node
+        where = f"LSTM node {node.name!r}" if node.name else f"LSTM node #{index}"
+        self.where = where
+        attrs = {}
+        for a in node.attribute:
+            v = helper.get_attribute_value(a)
+            if isinstance(v, bytes):
+                v = v.decode()
+            elif isinstance(v, list) and v and isinstance(v[0], bytes):
+                v = [s.decode() for s in v]
+            attrs[a.name] = v
+        inputs = list(node.input) + [""] * (8 - len(node.input))
+        if inputs[7]:
+            raise ValueError(f"{where}: input P (peepholes, {inputs[7]!r}) is not supported: "
+                             "numlstm's cell has no peephole connections")
+        if "clip" in attrs:
+            raise ValueError(f"{where}: attribute clip={attrs['clip']} is not supported: "
+                             "numlstm does not clip the gate pre-activations")
+        if attrs.get("input_forget", 0):
+            raise ValueError(f"{where}: attribute input_forget={attrs['input_forget']} is not "
+                             "supported: numlstm's input and forget gates are independent "
+                             "(expected 0)")
+        direction = attrs.get("direction", "forward")
+        if direction not in ("forward", "reverse", "bidirectional"):
+            raise ValueError(f"{where}: attribute direction must be 'forward', 'reverse' or "
+                             f"'bidirectional', got {direction!r}")
+        if direction == "reverse" and not allow_reverse:
+            raise ValueError(
+                f"{where}: direction='reverse' is not supported: numlstm has no reverse-only "
+                "layer. Pass allow_reverse=True to get the forward model of the same "
+                "weights, then feed it each sequence reversed in time (within its length) "
+                "and reverse its y back")
+        self.reverse = direction == "reverse"
+        D = 2 if direction == "bidirectional" else 1
+        if "activations" in attrs:
+            acts = [a.lower() for a in attrs["activations"]]
+            if acts != _DEFAULT_ACTIVATIONS * D:
+                raise ValueError(f"{where}: attribute activations must be "
+                                 f"{['Sigmoid', 'Tanh', 'Tanh'] * D} (numlstm's gate "
+                                 f"nonlinearities are fixed), got {attrs['activations']}")
+        layout = attrs.get("layout", 0)
+        if layout not in (0, 1):
+            raise ValueError(f"{where}: attribute layout must be 0 or 1, got {layout}")
+
+        def const(k, label):
+            name = inputs[k]
+            if name not in consts:
+                raise ValueError(f"{where}: input {label} ({name!r}) must be an initializer "
+                                 "or the output of a Constant node, to be converted")
+            arr = consts[name]
+            if arr.dtype.kind != "f":
+                raise TypeError(f"{where}: input {label} must be floating-point, got dtype "
+                                f"{arr.dtype}")
+            return arr
+
+        Wt, Rt = const(1, "W"), const(2, "R")
+        if Rt.ndim != 3 or Rt.shape[0] != D or Rt.shape[1] != 4 * Rt.shape[2]:
+            raise ValueError(f"{where}: input R must have shape ({D}, 4*H, H) for "
+                             f"direction={direction!r}, got {Rt.shape}")
+        H = Rt.shape[2]
+        if "hidden_size" in attrs and attrs["hidden_size"] != H:
+            raise ValueError(f"{where}: attribute hidden_size={attrs['hidden_size']} does not "
+                             f"match input R of shape {Rt.shape}")
+        if Wt.ndim != 3 or Wt.shape[:2] != (D, 4 * H):
+            raise ValueError(f"{where}: input W must have shape ({D}, {4 * H}, I) for "
+                             f"hidden_size={H}, got {Wt.shape}")
+        Bt = const(3, "B") if inputs[3] else None
+        if Bt is not None and Bt.shape != (D, 8 * H):
+            raise ValueError(f"{where}: input B must have shape ({D}, {8 * H}) for "
+                             f"hidden_size={H}, got {Bt.shape}")
+        self.D, self.H, self.I, self.layout = D, H, Wt.shape[2], layout
+        self.has_bias = Bt is not None
+        self.seq_lens = inputs[4]
+        self.params = []  # per direction: (weight_ih, weight_hh, bias_ih, bias_hh)
+        for d in range(D):
+            if Bt is None:
+                b_ih = b_hh = np.zeros(4 * H, dtype)
+            else:
+                b_ih = _gates(Bt[d, :4 * H], H, _FROM_ONNX, dtype)
+                b_hh = _gates(Bt[d, 4 * H:], H, _FROM_ONNX, dtype)
+            self.params.append((_gates(Wt[d], H, _FROM_ONNX, dtype),
+                                _gates(Rt[d], H, _FROM_ONNX, dtype), b_ih, b_hh))
+
+
+def _simulate(value, node, consts):
+    """Apply one shape-glue node to a NumPy array; None when it cannot be known."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+
+    def axes_of():
+        if "axes" in attrs:
+            return list(attrs["axes"])
+        if len(node.input) > 1 and node.input[1]:
+            if node.input[1] not in consts:
+                raise KeyError(node.input[1])
+            return [int(a) for a in consts[node.input[1]].reshape(-1)]
+        return None
+
+    if op in ("Identity", "Dropout"):
+        return value
+    if op == "Transpose":
+        return np.transpose(value, attrs.get("perm"))
+    if op == "Reshape":
+        if node.input[1] not in consts:
+            return None
+        shape = [int(s) for s in consts[node.input[1]].reshape(-1)]
+        if not attrs.get("allowzero", 0):
+            shape = [value.shape[k] if s == 0 else s for k, s in enumerate(shape)]
+        return value.reshape(shape)
+    if op == "Squeeze":
+        axes = axes_of()
+        return np.squeeze(value, None if axes is None else tuple(axes))
+    if op == "Unsqueeze":
+        axes = axes_of()
+        rank = value.ndim + len(axes)
+        for a in sorted(a % rank for a in axes):
+            value = np.expand_dims(value, a)
+        return value
+    return None
+
+
+def _chains_to(a, b, glue, consts):
+    """Whether the glue nodes turn a's Y into b's X exactly as a stacked LSTM
+    does (directions concatenated on the feature axis), checked on a probe."""
+    T, B = 3, 5
+    D, H = a.D, a.H
+    y = np.arange(T * D * B * H, dtype=np.float64)
+    y = y.reshape(T, D, B, H) if a.layout == 0 else y.reshape(B, T, D, H)
+    tm = y if a.layout == 0 else y.transpose(1, 2, 0, 3)  # (T, D, B, H)
+    want = tm.transpose(0, 2, 1, 3).reshape(T, B, D * H)  # (T, B, D*H)
+    if b.layout == 1:
+        want = want.transpose(1, 0, 2)
+    value = y
+    try:
+        for node in glue:
+            value = _simulate(value, node, consts)
+            if value is None:
+                return False
+    except (ValueError, KeyError, IndexError, TypeError):  # AxisError is a ValueError
+        return False
+    return value.shape == want.shape and np.array_equal(value, want)
+
+
+def _successor(a, nodes, consumers, consts):
+    """The LSTM node that a's output Y feeds as the next layer, or None."""
+    y = a.node.output[0] if len(a.node.output) else ""
+    if not y:
+        return None
+    found = []
+
+    def walk(name, path):
+        for node, idx in consumers.get(name, ()):
+            if node.op_type == "LSTM" and idx == 0:
+                found.append((node, path))
+            elif node.op_type in _GLUE and idx == 0 and node.output:
+                walk(node.output[0], path + [node])
+
+    walk(y, [])
+    if len(found) != 1:
+        return None
+    target, glue = found[0]
+    b = nodes.get(id(target))
+    if b is None or a.reverse or b.reverse:
+        return None
+    if (b.D, b.H, b.I, b.layout, b.seq_lens) != (a.D, a.H, a.D * a.H, a.layout, a.seq_lens):
+        return None
+    return b if _chains_to(a, b, glue, consts) else None
+
+
+def from_onnx(model_or_path, *, dtype=np.float32, allow_reverse=False, batch_first=None):
+    """numlstm.LSTM model(s) with the weights of every ONNX ``LSTM`` node.
+
+    Parameters
+    ----------
+    model_or_path : onnx.ModelProto, path, or bytes
+    dtype : np.float32 or np.float64
+    allow_reverse : bool
+        See ``direction`` below.
+    batch_first : bool, optional
+        Default: from the nodes' ``layout``. Transposes that a graph applies
+        around its LSTM nodes (torch.onnx.export of a ``batch_first`` LSTM
+        writes layout-0 nodes between two Transposes) are not part of the
+        nodes: pass ``batch_first=True`` to take (B, T, I) input then.
+
+    Returns
+    -------
+    numlstm.LSTM, or a list of them
+        LSTM nodes that chain (node k's output Y reaches node k+1's input X
+        through shape glue only: Transpose / Reshape / Squeeze / Unsqueeze /
+        Identity / Dropout, which is how torch.onnx.export writes a multi-layer
+        or bidirectional nn.LSTM; the glue is checked to concatenate the
+        directions as a stacked LSTM does, the sizes must match and the
+        nodes share ``sequence_lens``) become one multi-layer model. One
+        chain gives one model; several give a list, in graph order. LSTM
+        nodes in subgraphs (If / Loop / Scan bodies) are not searched.
+
+    What maps
+    ---------
+    - W, R, B (initializers or Constant node outputs; B absent = zeros):
+      gate order i, o, f, c -> i, f, g, o; Wb -> ``bias_ih``, Rb -> ``bias_hh``.
+    - ``direction``: 'forward' and 'bidirectional' (-> ``bidirectional=True``).
+      'reverse' (one direction, backwards in time) has no numlstm layer:
+      rejected unless ``allow_reverse=True``, which returns the forward model of
+      the same weights: the caller must then reverse each sequence in time
+      (within its length) before it and reverse ``y`` after it. Such a node
+      never chains.
+    - ``layout`` 0 -> ``batch_first=False``, 1 -> ``batch_first=True``.
+    - ``hidden_size``; ``activations`` only when it is the default
+      ['Sigmoid', 'Tanh', 'Tanh'] per direction.
+    - Runtime inputs are not part of the model: ``sequence_lens`` is
+      ``forward``'s ``lengths``; ``initial_h`` / ``initial_c`` (D, B, H) of
+      chained node k are rows [k*D, (k+1)*D) of ``state`` (D*L, B, H) (layout 1
+      stores them (B, D, H)). Y (T, D, B, H) is ``y`` (T, B, D*H) with the
+      directions split; Y_h / Y_c are ``h_n`` / ``c_n``.
+
+    Rejected with ValueError naming the node and the input or attribute
+    (numlstm's kernels have none of these): peepholes (input P), ``clip``,
+    ``input_forget=1``, other ``activations``, W / R / B computed at run time.
+    """
+    from numlstm.lstm import LSTM
+
+    dtype = check_dtype(dtype)
+    graph = _load(model_or_path).graph
+    consts = _constants(graph)
+    lstm_nodes = [n for n in graph.node if n.op_type == "LSTM" and n.domain in ("", "ai.onnx")]
+    if not lstm_nodes:
+        raise ValueError("model_or_path must contain an ONNX LSTM node, got none among "
+                         f"{len(graph.node)} nodes")
+    parsed = [_Node(n, k, consts, allow_reverse, dtype) for k, n in enumerate(lstm_nodes)]
+    nodes = {id(p.node): p for p in parsed}
+    consumers = {}
+    for node in graph.node:
+        for idx, name in enumerate(node.input):
+            if name:
+                consumers.setdefault(name, []).append((node, idx))
+    nxt = {id(p): _successor(p, nodes, consumers, consts) for p in parsed}
+    has_prev = {id(s) for s in nxt.values() if s is not None}
+    models = []
+    for head in parsed:
+        if id(head) in has_prev:
+            continue
+        chain = [head]
+        while nxt[id(chain[-1])] is not None and len(chain) <= len(parsed):
+            chain.append(nxt[id(chain[-1])])
+        state = {}
+        for l, p in enumerate(chain):
+            for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(p.params):
+                sfx = f"_l{l}" + ("_reverse" if d else "")
+                state["weight_ih" + sfx] = w_ih
+                state["weight_hh" + sfx] = w_hh
+                state["bias_ih" + sfx] = b_ih
+                state["bias_hh" + sfx] = b_hh
+        bias = any(p.has_bias for p in chain)
+        if not bias:
+            state = {k: v for k, v in state.items() if not k.startswith("bias")}
+        bf = head.layout == 1 if batch_first is None else batch_first
+        model = LSTM(head.I, head.H, len(chain), bias=bias, batch_first=bf,
+                     bidirectional=head.D == 2, dtype=dtype)
+        model.load_state_dict(state)
+        models.append(model)
+    return models[0] if len(models) == 1 else models
+
+
+def to_onnx(model, path=None, *, opset=17, sequence_lens=False, initial_state=False,
+            dtype=None):
+    """Export ``model`` as an ONNX graph of standard ``LSTM`` nodes.
+
+    One LSTM node per layer (layout 0, gate order i, o, f, c, B = [bias_ih,
+    bias_hh] or absent without bias) with Transpose + Reshape glue that
+    concatenates the directions of Y (T, D, B, H) into the next layer's input
+    (T, B, D*H), as torch.onnx.export writes it; ``batch_first`` adds a
+    Transpose at each end. Sparse and quantized weights are written dense.
+    Dropout is a training setting and is not exported.
+
+    Graph inputs: ``x`` (T, B, I) ((B, T, I) when ``batch_first``);
+    ``sequence_lens`` (B,) int32 when ``sequence_lens=True`` (``lengths``);
+    ``h0``, ``c0`` (D*L, B, H) when ``initial_state=True`` (zeros otherwise).
+    Outputs: ``y`` (like ``forward``'s, padded steps zero), ``h_n``, ``c_n``
+    (D*L, B, H). Dimensions T and B are symbolic.
+
+    Parameters
+    ----------
+    model : numlstm.LSTM
+        ``proj_size > 0`` is rejected: the ONNX LSTM op has no projection.
+    path : str or os.PathLike, optional
+        Also save the model there.
+    opset : int
+        The default-domain opset, 10 or newer (Slice takes inputs from 10).
+    dtype : np.float32 or np.float64, optional
+        The graph's float type (default: the model's). ONNX Runtime's CPU
+        LSTM kernel runs float32 only (1.32: "does not support double yet"),
+        so pass ``dtype=np.float32`` to run a float64 model there.
+
+    Returns
+    -------
+    onnx.ModelProto (checked with ``onnx.checker``)
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    check_model(model)
+    if model.proj_size:
+        raise ValueError(f"model.proj_size must be 0 to export to ONNX (the ONNX LSTM op has "
+                         f"no projection), got {model.proj_size}")
+    latest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 10 <= opset <= latest:
+        raise ValueError(f"opset must be an int in [10, {latest}], got {opset!r}")
+    dt = model.dtype if dtype is None else check_dtype(dtype)
+    elem = TensorProto.DOUBLE if dt == np.float64 else TensorProto.FLOAT
+    state = dense_state(model)
+    H, L, D, I = model.hidden_size, model.num_layers, model.num_directions, model.input_size
+    x_shape = ["B", "T", I] if model.batch_first else ["T", "B", I]
+    inputs = [helper.make_tensor_value_info("x", elem, x_shape)]
+    if sequence_lens:
+        inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["B"]))
+    if initial_state:
+        inputs += [helper.make_tensor_value_info("h0", elem, [D * L, "B", H]),
+                   helper.make_tensor_value_info("c0", elem, [D * L, "B", H])]
+    inits, nodes = [], []
+
+    def init(name, arr):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    cur = "x"
+    if model.batch_first:
+        nodes.append(helper.make_node("Transpose", ["x"], ["x_time_major"], perm=[1, 0, 2]))
+        cur = "x_time_major"
+    init("concat_shape", np.array([0, 0, -1], np.int64))
+    if initial_state:
+        init("slice_axes", np.array([0], np.int64))
+    hs, cs = [], []
+    for l in range(L):
+        sfx = [f"_l{l}", f"_l{l}_reverse"][:D]
+        Wn = init(f"W_l{l}", np.stack([_gates(state["weight_ih" + s], H, _TO_ONNX)
+                                       for s in sfx]).astype(dt))
+        Rn = init(f"R_l{l}", np.stack([_gates(state["weight_hh" + s], H, _TO_ONNX)
+                                       for s in sfx]).astype(dt))
+        Bn = ""
+        if model.bias:
+            Bn = init(f"B_l{l}", np.stack([
+                np.concatenate([_gates(state["bias_ih" + s], H, _TO_ONNX),
+                                _gates(state["bias_hh" + s], H, _TO_ONNX)]) for s in sfx
+            ]).astype(dt))
+        ih = ic = ""
+        if initial_state:
+            init(f"slice_start_l{l}", np.array([l * D], np.int64))
+            init(f"slice_end_l{l}", np.array([(l + 1) * D], np.int64))
+            ih, ic = f"h0_l{l}", f"c0_l{l}"
+            for src, dst in (("h0", ih), ("c0", ic)):
+                nodes.append(helper.make_node(
+                    "Slice", [src, f"slice_start_l{l}", f"slice_end_l{l}", "slice_axes"],
+                    [dst]))
+        node_inputs = [cur, Wn, Rn, Bn, "sequence_lens" if sequence_lens else "", ih, ic]
+        while node_inputs[-1] == "":
+            node_inputs.pop()
+        nodes.append(helper.make_node(
+            "LSTM", node_inputs, [f"Y_l{l}", f"Y_h_l{l}", f"Y_c_l{l}"], name=f"lstm_l{l}",
+            hidden_size=H, direction="bidirectional" if D == 2 else "forward"))
+        last = l == L - 1
+        nodes.append(helper.make_node("Transpose", [f"Y_l{l}"], [f"Y_tbdh_l{l}"],
+                                      perm=[0, 2, 1, 3]))
+        out = "y" if last and not model.batch_first else f"layer_out_l{l}"
+        nodes.append(helper.make_node("Reshape", [f"Y_tbdh_l{l}", "concat_shape"], [out]))
+        cur = out
+        hs.append(f"Y_h_l{l}")
+        cs.append(f"Y_c_l{l}")
+    if model.batch_first:
+        nodes.append(helper.make_node("Transpose", [cur], ["y"], perm=[1, 0, 2]))
+    nodes.append(helper.make_node("Concat", hs, ["h_n"], axis=0))
+    nodes.append(helper.make_node("Concat", cs, ["c_n"], axis=0))
+    y_shape = ["B", "T", D * H] if model.batch_first else ["T", "B", D * H]
+    outputs = [helper.make_tensor_value_info("y", elem, y_shape),
+               helper.make_tensor_value_info("h_n", elem, [D * L, "B", H]),
+               helper.make_tensor_value_info("c_n", elem, [D * L, "B", H])]
+    graph = helper.make_graph(nodes, "numlstm_lstm", inputs, outputs, initializer=inits)
+    opsets = [helper.make_opsetid("", opset)]
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="numlstm",
+                              ir_version=helper.find_min_ir_version_for(opsets))
+    onnx.checker.check_model(proto)
+    if path is not None:
+        onnx.save(proto, os.fspath(path))
+    return proto
