@@ -18,7 +18,8 @@ as a ratio to the torch peer's median (< 1: numlstm is faster). Outputs are
 compared with torch's on the same weights (torch gets the pruned weights as
 dense matrices with zeros for the CSR case).
 
-The parent imports neither numba nor torch. torch is optional: without it
+The parent imports numlstm only to prune the shared weights, and never
+torch. torch is optional: without it
 the torch rows are skipped and the report says so.
 """
 
@@ -50,16 +51,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Inputs shared by every worker
 # ----------------------------------------------------------------------------
 
-def prune_magnitude(w, sparsity):
-    """A copy of ``w`` keeping its round((1 - sparsity) * size) largest magnitudes."""
-    flat = np.abs(w).ravel()
-    keep = max(1, int(round((1 - sparsity) * flat.size)))
-    idx = np.argpartition(flat, flat.size - keep)[flat.size - keep:]
-    out = np.zeros_like(w)
-    out.ravel()[idx] = w.ravel()[idx]
-    return out
-
-
 def make_inputs(path, T, seed=SEED):
     """Write torch-style LSTM weights U(-1/sqrt(H), 1/sqrt(H)), their pruned
     copies and an input x (T, 1, I) to ``path`` (.npz)."""
@@ -70,8 +61,13 @@ def make_inputs(path, T, seed=SEED):
          "bias_ih_l0": rng.uniform(-k, k, 4 * H),
          "bias_hh_l0": rng.uniform(-k, k, 4 * H)}
     w = {n: v.astype(np.float32) for n, v in w.items()}
-    pruned = {f"pruned_{n}": (prune_magnitude(v, SPARSITY) if n.startswith("weight") else v)
-              for n, v in w.items()}
+    import numlstm
+
+    model = numlstm.LSTM(I, H)
+    model.load_state_dict(w)
+    numlstm.prune.magnitude(model, SPARSITY)  # the same zeros for every system
+    pruned = {f"pruned_{n}": (v.toarray() if n.startswith("weight") else v)
+              for n, v in model.state_dict().items()}
     x = rng.standard_normal((T, 1, I)).astype(np.float32)
     np.savez(path, x=x, **w, **pruned)
 
@@ -267,17 +263,25 @@ def machine_info():
             else None}
 
 
-def _run_worker(case, data_path, out_path, cfg, timeout):
+def run_worker(module, args, timeout, label):
+    """Run ``python -m <module> <args>`` in a fresh process from the repository
+    root and return the JSON object its last stdout line holds."""
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "benchmarks.first", "--worker", case, "--data", data_path,
-           "--out", out_path, "--repeats", str(cfg["repeats"]), "--warmup", str(cfg["warmup"])]
+    cmd = [sys.executable, "-m", module, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=REPO)
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {case} failed (exit {proc.returncode}):\n"
+        raise RuntimeError(f"worker {label} failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_worker(case, data_path, out_path, cfg, timeout):
+    return run_worker("benchmarks.first",
+                      ["--worker", case, "--data", data_path, "--out", out_path,
+                       "--repeats", str(cfg["repeats"]), "--warmup", str(cfg["warmup"])],
+                      timeout, case)
 
 
 def run(quick=False, out_dir=None, log=print):

@@ -1,11 +1,18 @@
 """numlstm: a memory-lean, framework-free LSTM on Numba kernels.
 
-Dense and CSR weights, PyTorch's semantics and parameter names, training by
-BPTT, and allocation-free streaming inference.
+Dense, CSR and block-sparse weights (pruned, compact or quantized), PyTorch's
+semantics and parameter names, training by BPTT (full tape, checkpointed or
+truncated), and allocation-free streaming inference.
 """
 
+from numlstm import layers, losses, optim, prune, quantize
+from numlstm.io import ModelFileError, load, save
 from numlstm.lstm import LSTM
+from numlstm.memory import memory_report
 from numlstm.stream import Stream
+from numlstm.tbptt import truncated_bptt
+from numlstm.train import fit
 
-__all__ = ["LSTM", "Stream"]
+__all__ = ["LSTM", "ModelFileError", "Stream", "fit", "layers", "load", "losses",
+           "memory_report", "optim", "prune", "quantize", "save", "truncated_bptt"]
 __version__ = "0.1.0"

@@ -6,13 +6,23 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_benchmark_writes_expected_entries(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``python -m benchmarks --quick`` run of every benchmark; its output folder."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_quick_benchmark_writes_expected_entries(quick_run):
+    tmp_path = quick_run
     with open(tmp_path / "first.json") as f:
         res = json.load(f)
     assert (tmp_path / "first.md").read_text().startswith("# Benchmark `first`")
@@ -39,3 +49,34 @@ def test_quick_benchmark_writes_expected_entries(tmp_path):
             assert set(res["cases"][case]["ratio_to_torch"]) == {"stream", "sequence"}
             agreement = res["agreement"][case]
             assert agreement["stream"] < 1e-4 and agreement["sequence"] < 1e-4, (case, agreement)
+
+
+def test_quick_memory_benchmark_writes_expected_entries(quick_run):
+    with open(quick_run / "memory.json") as f:
+        res = json.load(f)
+    md = (quick_run / "memory.md").read_text()
+    assert md.startswith("# Benchmark `memory`") and "## The issue's targets" in md
+    assert res["quick"] is True
+    assert res["config"] == {**res["config"], "B": 16, "I": 64, "H": 256, "T": [50, 200],
+                             "dtype": "float32"}
+    has_torch = importlib.util.find_spec("torch") is not None
+    for T in ("50", "200"):
+        row = res["train"][T]
+        expected = {"numlstm"} | ({"torch"} if has_torch else set())
+        assert expected <= set(row), (T, set(row))
+        if "numlstm-ckpt" not in row:  # LSTM.forward without checkpoint=: said so
+            assert f"numlstm-ckpt@T={T}" in res["skipped"]
+        for system, e in row.items():
+            assert e["peak_increase_mib"] >= 0 and e["step_s"]["median"] > 0, (T, system)
+            assert len(e["step_s"]["all"]) == res["config"]["repeats"]
+            if has_torch and system != "torch":
+                assert e["memory_to_torch"] is not None and e["time_to_torch"] > 0
+                assert e["grad_rel_diff_to_torch"] < 1e-3, (T, system)  # same gradients
+        if "numlstm-ckpt" in row:
+            assert row["numlstm-ckpt"]["grad_rel_diff_to_full_tape"] < 1e-3
+    stream = res["stream"]["numlstm"]
+    assert stream["steps"] == res["config"]["stream_steps"]
+    assert len(stream["rss_trace_mib"]) >= 2
+    if has_torch:
+        assert stream["time_to_torch"] > 0
+    assert set(res["target_check"]) >= {"ckpt_memory_met", "ckpt_time_met", "stream_met"}
