@@ -118,7 +118,8 @@ class Linear(_Module):
         if self.bias:
             self._grads["bias"] += dy2.sum(axis=0)
         if w.format == "dense":
-            self._grads["weight"] += dy2.T @ x2
+            K.dense_grad_acc(self._grads["weight"], np.empty_like(self._grads["weight"]),
+                             np.ascontiguousarray(dy2), x2)
         else:
             dz_t, a_t = np.ascontiguousarray(dy2.T), np.ascontiguousarray(x2.T)
             kernel = K.bsr_sddmm_acc if w.format == "bsr" else K.sddmm_acc

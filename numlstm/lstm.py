@@ -887,8 +887,7 @@ class LSTM:
         N = dz.shape[0]
         if isinstance(weight, W.Dense):
             tmp = _first(v["gflat"], R * C).reshape(R, C)
-            np.matmul(dz.T, a, out=tmp)
-            grad += tmp
+            K.dense_grad_acc(grad, tmp, np.ascontiguousarray(dz), np.ascontiguousarray(a))
             return
         dz_t = _first(v["dz_t"], R * N).reshape(R, N)
         a_t = _first(v["a_t"], C * N).reshape(C, N)
@@ -955,10 +954,11 @@ def _first(buf, n):
 
 def _matmul_batch(out, x, weight, transposed=False):
     """out (N, R) = x (N, K) @ W^T over all rows at once (W^T's pattern if transposed)."""
-    if isinstance(weight, W.Dense):
-        np.matmul(x, weight.array if transposed else weight.array.T, out=out)
-        return
+    x = np.ascontiguousarray(x)
     args = (out, x) + (weight.kernel_args_t() if transposed else weight.kernel_args())
+    if isinstance(weight, W.Dense):  # numba's BLAS: see kernels.cpu.dense_grad_acc
+        (K.matmul_t if transposed else K.matmul)(*args)
+        return
     kernel = K.sparse_matmul_parallel if weight.nnz * x.shape[0] >= config.PARALLEL_MIN_WORK \
         else K.sparse_matmul
     kernel(*args)

@@ -260,6 +260,19 @@ def matmul_t(out, x, w0, data_t, indices_t, indptr_t):
     _product(out, x, w0, data_t, indices_t, indptr_t, True)
 
 
+@njit(**_OPTS)
+def dense_grad_acc(grad, tmp, dz, a):
+    """grad (R, C) += dz^T a for dz (N, R), a (N, C), through scratch tmp (R, C).
+
+    The dense products go through numba's BLAS (scipy's OpenBLAS), not NumPy's:
+    the two libraries keep separate thread pools, and NumPy's pool, still
+    spinning after a call, slowed the next kernel's per-step BLAS calls 3x on
+    two cores. Keeping every product of a training step in one pool avoids it.
+    """
+    np.dot(dz.T, a, tmp)
+    grad += tmp
+
+
 def _sddmm_acc(gdata, dz_t, a_t, indices, indptr):
     """Weight gradient on a stored pattern (sampled dense-dense product).
 
