@@ -370,7 +370,6 @@ def _fmt(s):
 def markdown(result):
     """The result as a Markdown report."""
     c, m = result["config"], result["machine"]
-    v = m["versions"]
     lines = [f"# Benchmark `{NAME}`: batch-1 LSTM inference latency"
              + (" (quick smoke run)" if result["quick"] else ""), "",
              f"{c['dtype']}, batch {c['batch']}, I={c['I']}, H={c['H']}, T={c['T']}; "
@@ -406,21 +405,27 @@ def markdown(result):
                          f"{result['cases'][case]['self_agreement']:.2e} |")
     lines += ["", "First call (numba compilation or cache load; torch's first forward): "
               + ", ".join(f"{k} {e['first_call_s']:.2f} s" for k, e in result["cases"].items())
-              + ".", "",
-              "## Machine", "",
-              f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores "
-              f"({m['usable_cores']} usable)",
-              f"- {m['platform']}, Python {m['python']}",
-              "- " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
-              f"- thread settings: torch.set_num_threads(2); numba threads "
-              f"{result['cases'].get('numlstm-dense', {}).get('numba_threads', '?')}; "
-              f"environment {m['thread_env'] or 'none set'}"]
+              + ".", ""]
+    numba_threads = result["cases"].get("numlstm-dense", {}).get("numba_threads", "?")
+    lines += machine_markdown(m, f"torch.set_num_threads(2); numba threads {numba_threads}")
+    return "\n".join(lines) + "\n"
+
+
+def machine_markdown(m, threads):
+    """The "## Machine" section of a report, from ``machine_info()`` (plus the
+    ``load_average_at_end`` a run adds); ``threads`` states the thread settings."""
+    lines = ["## Machine", "",
+             f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores "
+             f"({m['usable_cores']} usable)",
+             f"- {m['platform']}, Python {m['python']}",
+             "- " + ", ".join(f"{k} {val}" for k, val in m["versions"].items() if val),
+             f"- thread settings: {threads}; environment {m['thread_env'] or 'none set'}"]
     if m["load_average_at_start"]:
         lines.append("- load average (1, 5, 15 min) at start: "
                      + ", ".join(f"{x:.2f}" for x in m["load_average_at_start"])
                      + "; at end: "
                      + ", ".join(f"{x:.2f}" for x in m.get("load_average_at_end") or []))
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _plot(result, path):

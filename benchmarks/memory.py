@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from benchmarks.first import REPO, _stats, _write_atomic, machine_info, run_worker
+from benchmarks.first import REPO, _stats, _write_atomic, machine_info, machine_markdown, run_worker
 
 NAME = "memory"
 B, I, H = 16, 64, 256
@@ -501,18 +501,7 @@ def markdown(result):
         lines.append("- This is a `--quick` smoke run at small T: the verdicts above are "
                      "not the targets' measurement.")
 
-    lines += ["", "## Machine", "",
-              f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores "
-              f"({m['usable_cores']} usable)",
-              f"- {m['platform']}, Python {m['python']}",
-              "- " + ", ".join(f"{k} {val}" for k, val in m["versions"].items() if val),
-              f"- thread settings: torch.set_num_threads(2); environment "
-              f"{m['thread_env'] or 'none set'}"]
-    if m["load_average_at_start"]:
-        lines.append("- load average (1, 5, 15 min) at start: "
-                     + ", ".join(f"{x:.2f}" for x in m["load_average_at_start"])
-                     + "; at end: "
-                     + ", ".join(f"{x:.2f}" for x in m.get("load_average_at_end") or []))
+    lines += [""] + machine_markdown(m, "torch.set_num_threads(2)")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ import tracemalloc
 
 import numpy as np
 
-from benchmarks.first import _write_atomic, machine_info
+from benchmarks.first import _write_atomic, machine_info, machine_markdown
 from numlstm import demo, prune
 from numlstm.lstm import LSTM
 from numlstm.quantize import quantize
@@ -93,6 +93,7 @@ def _row(label, model, head, eye, v_inp, v_tgt, bench, train_ms, peak, y_float=N
 
 def run(quick=False, out_dir=None, log=print):
     cfg = QUICK if quick else FULL
+    machine = machine_info()  # its load average is the one at the start
     rng = np.random.default_rng(SEED)
     train_text, valid_text, names = demo.load_corpus()
     train, valid, alphabet = demo.encode(train_text, valid_text)
@@ -134,7 +135,9 @@ def run(quick=False, out_dir=None, log=print):
                                  None, None, y_float))
             model.load_state_dict(state)  # back to float for the next branch
 
-    result = {"name": NAME, "quick": quick, "config": cfg, "machine": machine_info(),
+    machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") \
+        else None
+    result = {"name": NAME, "quick": quick, "config": cfg, "machine": machine,
               "data": f"{train.size:,} training / {valid.size:,} validation characters of "
                       f"stdlib source ({', '.join(names)})",
               "rows": rows}
@@ -173,7 +176,7 @@ def markdown(result):
         lines.append(f"| {r['model']} | {r['sparsity']:.1%} | {r['bits']:.3f} | {err} | "
                      f"{r['weight_bytes']:,} | {dense['weight_bytes'] / r['weight_bytes']:.1f} | "
                      f"{peak} | {ms} | {r['stream_us']:.1f} |")
-    m = result["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['usable_cores']} usable cores; "
-              "command: `python -m benchmarks --only pruning`."]
-    return "\n".join(lines)
+    lines += ["", "Command: `python -m benchmarks --only pruning` (one process; each training "
+              "peak is measured from a fresh model).", ""]
+    lines += machine_markdown(result["machine"], "numba and BLAS defaults")
+    return "\n".join(lines) + "\n"
