@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -42,7 +43,10 @@ def save(model, path):
     The archive is written to a temporary file in the same folder, flushed
     and fsync'ed, then renamed over ``path``: a crash leaves either the old
     file or the new one, never a partial one. The path is used exactly as
-    given (no suffix is added).
+    given (no suffix is added). A writer killed mid-save (SIGKILL, power
+    loss) cannot remove its temporary: a hidden ``.numlstm-*.tmp`` file in
+    the folder, which any later save leaves alone (it might be another
+    process's live write) and which may be deleted by hand.
     """
     if not isinstance(model, LSTM):
         raise TypeError(f"model must be a numlstm.LSTM, got {type(model).__name__}")
@@ -127,7 +131,9 @@ def load(path):
         raise
     except ValueError as e:  # numpy refuses object arrays without pickle
         raise ModelFileError(f"{path!r} cannot be read safely: {e}") from None
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, zlib.error,
+            NotImplementedError, RuntimeError) as e:  # flipped zip flags: "compressed
+        # patched data" (NotImplementedError), "encrypted" (RuntimeError)
         raise ModelFileError(f"{path!r} is truncated or corrupted, or not an .npz "
                              f"archive: {e}") from None
     return _build(header, arrays, path)
@@ -163,10 +169,17 @@ def _build(header, arrays, path):
     if set(config) != set(_CONFIG_KEYS):
         raise ModelFileError(f"{path!r}: header config must have keys {sorted(_CONFIG_KEYS)}, "
                              f"got {sorted(config)}")
+    layers = config["num_layers"]
+    if isinstance(layers, int) and layers > len(header["params"]):  # each layer has >= 2
+        raise ModelFileError(f"{path!r}: header config num_layers={layers} does not match "
+                             f"its {len(header['params'])} parameters")
     try:
-        model = LSTM(**config)
+        model = LSTM._without_params(**config)
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{path!r}: header config is invalid: {e}") from None
+    except MemoryError as e:  # a forged header: sizes too large to allocate
+        raise ModelFileError(f"{path!r}: header config asks for a model too large for "
+                             f"memory: {e}") from None
     specs = header["params"]
     expected = model._param_shapes()
     if set(specs) != set(expected):

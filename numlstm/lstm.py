@@ -12,6 +12,7 @@ ever walk forward in time.
 """
 
 import math
+import threading
 
 import numpy as np
 
@@ -83,6 +84,27 @@ class LSTM:
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
                  dtype=np.float32, seed=None):
+        self._configure(input_size, hidden_size, num_layers, bias=bias,
+                        batch_first=batch_first, dropout=dropout, bidirectional=bidirectional,
+                        proj_size=proj_size, dtype=dtype, seed=seed)
+        k = 1.0 / np.sqrt(self.hidden_size)
+        params = {}
+        for name, shape in self._param_shapes().items():
+            params[name] = self._rng.uniform(-k, k, shape).astype(self.dtype)
+        self._set_params(params)
+
+    @classmethod
+    def _without_params(cls, **config):
+        """A validated configuration with no parameters yet (``_install`` them):
+        what ``numlstm.load`` builds, so that a file's header cannot make it
+        allocate a random initialisation of whatever size it declares."""
+        model = cls.__new__(cls)
+        model._configure(**config)
+        return model
+
+    def _configure(self, input_size, hidden_size, num_layers=1, *, bias=True,
+                   batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
+                   dtype=np.float32, seed=None):
         self.input_size = _check_int(input_size, "input_size", 1)
         self.hidden_size = _check_int(hidden_size, "hidden_size", 1)
         self.num_layers = _check_int(num_layers, "num_layers", 1)
@@ -103,17 +125,12 @@ class LSTM:
         self.num_directions = 2 if bidirectional else 1
         self.output_size = self.proj_size or self.hidden_size  # O
         self._rng = np.random.default_rng(seed)
-
-        k = 1.0 / np.sqrt(self.hidden_size)
-        params = {}
-        for name, shape in self._param_shapes().items():
-            params[name] = self._rng.uniform(-k, k, shape).astype(self.dtype)
         self._no_bias = np.zeros(4 * self.hidden_size, self.dtype)  # read-only zeros
         self._no_proj = W.Dense(np.zeros((0, 0), self.dtype)).kernel_args()  # P = 0
         self.version = 0
+        self._busy = threading.Lock()  # held by a running forward or backward
         self._train_ws = Workspace(self.dtype)
         self._infer_ws = Workspace(self.dtype)
-        self._set_params(params)
 
     # ------------------------------------------------------------------
     # Parameters
@@ -530,7 +547,14 @@ class LSTM:
         -------
         y : array (T, B, D*O) (or batch_first / unbatched like x)
         (h_n, c_n) : arrays (D*L, B, O), (D*L, B, H)
+
+        Raises RuntimeError while another thread runs this model's forward
+        or backward (they share the model's workspace and tape).
         """
+        with self._exclusive():
+            return self._forward(x, state, lengths, training, checkpoint, memory_budget)
+
+    def _forward(self, x, state, lengths, training, checkpoint, memory_budget):
         xt, unbatched = self._check_x(x)
         if training:
             self._check_trainable()
@@ -712,7 +736,22 @@ class LSTM:
         Every parameter gradient is ADDED into ``self.grad``; call
         ``zero_grad()`` between steps unless accumulating on purpose. After a
         checkpointed forward, each segment's forward is recomputed here.
+        Raises RuntimeError while another thread runs this model's forward
+        or backward.
         """
+        with self._exclusive():
+            return self._backward(dy, dstate)
+
+    def _exclusive(self):
+        """Hold the model for one forward or backward; refuse, never wait, when
+        another thread holds it: the two would share its workspace and tape."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("model is busy in another thread: one model's forward and "
+                               "backward share its workspace, so they cannot run from two "
+                               "threads at once; use a model (or a stream) per thread")
+        return _Release(self._busy)
+
+    def _backward(self, dy, dstate):
         tape = self._tape
         if tape is None:
             raise RuntimeError("backward needs a preceding forward(..., training=True); "
@@ -776,6 +815,8 @@ class LSTM:
         if self.num_directions == 1:
             if _kernel_ready(dcur):
                 return dcur
+            if dyd.shape[0] != T:  # a read-only dy: the plan has no buffer to copy it into
+                return np.array(dcur, order="C")
             np.copyto(dyd, dcur)
         elif d:
             np.copyto(v["dytmp"], dcur[:, :, O:])
@@ -916,6 +957,21 @@ class LSTM:
                 f"bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
                 f"bidirectional={self.bidirectional}, proj_size={self.proj_size}, "
                 f"dtype={self.dtype.name}, weights={'+'.join(kinds)})")
+
+
+class _Release:
+    """Context manager releasing an already acquired lock on exit."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
 
 
 def _zero_padding(out, lengths, t0):

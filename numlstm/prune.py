@@ -24,6 +24,7 @@ parallel kernel hands to each thread equally long.
 import numpy as np
 
 from numlstm import weights as W
+from numlstm.lstm import LSTM
 
 SCOPES = ("per_matrix", "global", "per_row")
 KINDS = ("ih", "hh", "hr")
@@ -283,6 +284,8 @@ class _Grid:
 
 
 def _grids(model, kinds):
+    if not isinstance(model, LSTM):
+        raise TypeError(f"model must be a numlstm.LSTM, got {type(model).__name__}")
     kinds = tuple(kinds)
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:

@@ -19,6 +19,7 @@ for inference: ``forward(..., training=True)`` raises a TypeError.
 import numpy as np
 
 from numlstm import weights as W
+from numlstm.lstm import LSTM
 
 VALUE_TYPES = (None, "float16", "int8")
 INDEX_TYPES = ("auto", "uint16", "int32")
@@ -50,6 +51,8 @@ def quantize(model, values="int8", indices="auto", *, skip_dense=False):
         raise ValueError(f"values must be one of {VALUE_TYPES}, got {values!r}")
     if indices not in INDEX_TYPES:
         raise ValueError(f"indices must be one of {INDEX_TYPES}, got {indices!r}")
+    if not isinstance(model, LSTM):
+        raise TypeError(f"model must be a numlstm.LSTM, got {type(model).__name__}")
     weights = model._weights()
     other = [name for name, w in weights.items() if w.format != "csr"]
     if other and not skip_dense:

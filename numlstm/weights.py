@@ -270,6 +270,36 @@ def _check_finite(values, name):
         raise ValueError(f"{name} must be finite, got NaN or inf values")
 
 
+def _checked_structure(value, name):
+    """A copy of the scipy value ``value`` whose index arrays are in range.
+
+    scipy's conversions, ``sum_duplicates`` and ``sort_indices`` trust the
+    index arrays (C++ loops without bounds checks): out-of-range indices or a
+    broken indptr, easy to make with ``check=False`` or by assigning
+    ``.indices``, would crash the process there or reach a kernel. Checked
+    here, on a copy, before any of them runs. dok, lil and dia values go
+    through COO, whose coordinates are checked too.
+    """
+    fmt = value.format
+    try:
+        if fmt not in ("csr", "csc", "bsr", "coo"):
+            value, fmt = value.tocoo(), "coo"
+        value = value.copy()
+        if fmt == "coo":
+            for idx, n in zip(value.coords, value.shape, strict=True):
+                if idx.shape != value.data.shape:
+                    raise ValueError(f"coordinates must have shape {value.data.shape} like "
+                                     f"the data, got {idx.shape}")
+                if idx.size and (idx.min() < 0 or idx.max() >= n):
+                    raise ValueError(f"coordinates must lie in [0, {n}), got "
+                                     f"[{idx.min()}, {idx.max()}]")
+        else:
+            value.check_format(full_check=True)
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{name} is not a valid scipy {fmt} matrix: {e}") from None
+    return value
+
+
 def from_value(value, name, shape, dtype):
     """Build a trainable weight from a user value: a NumPy array or scipy sparse.
 
@@ -284,6 +314,7 @@ def from_value(value, name, shape, dtype):
             raise TypeError(f"{name} must hold floating-point values, got dtype {value.dtype}")
         if value.shape != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {value.shape}")
+        value = _checked_structure(value, name)
         if value.format == "bsr":
             bsr = sp.bsr_array(value, dtype=dtype, copy=True)
             bsr.sum_duplicates()

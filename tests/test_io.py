@@ -185,3 +185,18 @@ def test_truncated_corrupted_foreign_and_pickled_files_are_rejected(tmp_path):
 def test_save_checks_its_argument(tmp_path):
     with pytest.raises(TypeError, match="model must be a numlstm.LSTM, got dict"):
         numlstm.save({}, tmp_path / "x.npz")
+
+
+def test_a_forged_header_size_costs_no_memory(tmp_path):
+    """The header's sizes are checked against the arrays before anything of
+    that size is allocated (no random initialisation of a declared model)."""
+    import tracemalloc
+
+    path = _saved(tmp_path)
+    _rewrite(path, _set_header("config", "hidden_size", value=20_000))
+    tracemalloc.start()
+    with pytest.raises(numlstm.ModelFileError, match=r"shape must be \[80000, 3\]"):
+        numlstm.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 * 2**20, peak  # a 20000-wide LSTM would take ~13 GB
