@@ -7,4 +7,4 @@ runs its cases in separate processes and writes ``<name>.json`` and
 worker processes (``python -m benchmarks.<name> --worker ...``) start light.
 """
 
-BENCHMARKS = ("first", "memory", "pruning")
+BENCHMARKS = ("first", "memory", "pruning", "soak")

@@ -93,6 +93,18 @@ class LSTM:
             params[name] = self._rng.uniform(-k, k, shape).astype(self.dtype)
         self._set_params(params)
 
+    def __getstate__(self):
+        """Pickle the configuration and parameters; the lock, the workspaces and
+        any recorded tape stay behind (a copy starts with empty buffers)."""
+        state = dict(self.__dict__, _tape=None, _train_ws=Workspace(self.dtype),
+                     _infer_ws=Workspace(self.dtype))
+        del state["_busy"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._busy = threading.Lock()
+
     @classmethod
     def _without_params(cls, **config):
         """A validated configuration with no parameters yet (``_install`` them):

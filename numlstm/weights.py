@@ -134,13 +134,28 @@ class CSR(_Weight):
         self.scales = scales  # (R,) float16 for int8 values, else None
         self._no_dense = np.zeros((0, 0), self.dtype)
         self._transposed = None  # (data_t, indices_t, indptr_t, perm), built lazily
-        if data.dtype == np.int8:
-            w0, kdata = scales.view(np.uint16).reshape(-1, 1), data  # (R, 1) scale bits
+        self._bind()
+
+    def _bind(self):
+        """The kernel arguments: views of the stored arrays, made once."""
+        data = self.data
+        if data.dtype == np.int8:  # (R, 1) scale bits
+            w0, kdata = self.scales.view(np.uint16).reshape(-1, 1), data
         elif data.dtype == np.float16:
             w0, kdata = self._no_dense, data.view(np.uint16)  # kernels read the bits
         else:
             w0, kdata = self._no_dense, data
-        self._args = (w0, kdata, indices, indptr)
+        self._args = (w0, kdata, self.indices, self.indptr)
+
+    def __getstate__(self):
+        # Views would pickle as copies that in-place updates no longer reach.
+        state = dict(self.__dict__, _transposed=None)
+        del state["_args"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._bind()
 
     @property
     def values(self):

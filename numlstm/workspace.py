@@ -50,6 +50,7 @@ class Workspace:
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
         self._block = np.zeros(0, self.dtype)
+        self._base = 0  # first 64-byte aligned element of the block
         self.views = {}
 
     @property
@@ -60,6 +61,7 @@ class Workspace:
     def release(self):
         """Drop the block (and the views into it); the next ``carve`` allocates anew."""
         self._block = np.zeros(0, self.dtype)
+        self._base = 0
         self.views = {}
 
     def carve(self, spec):
@@ -72,9 +74,12 @@ class Workspace:
         offsets, total = plan_layout(spec, self.dtype)
         if total + step > self._block.size:
             self._block = np.zeros(total + step, self.dtype)  # grow, never shrink
-        # Start at the first aligned element of the block.
-        base = (-self._block.ctypes.data % _ALIGN) // self.dtype.itemsize
-        block = self._block[base:]
+            # Start at the first aligned element of the block. Found once per
+            # block: ``ndarray.ctypes`` retains a few bytes per use (numpy 2.4),
+            # which a training loop calling ``carve`` every step would accumulate.
+            address = self._block.__array_interface__["data"][0]
+            self._base = (-address % _ALIGN) // self.dtype.itemsize
+        block = self._block[self._base:]
         self.views = {name: block[off:off + size].reshape(shape)
                       for name, shape, off, size, _ in offsets}
         return self.views

@@ -98,3 +98,23 @@ def test_quick_pruning_benchmark_writes_expected_entries(quick_run):
         assert rows[f"{pct} CSR, uint16 indices"]["max_abs_dy"] == 0
         assert 0 < rows[f"{pct} CSR, float16"]["max_abs_dy"] < 0.05
     assert all(r["bits"] > 0 and r["stream_us"] > 0 for r in res["rows"])
+
+
+def test_quick_soak_benchmark_writes_expected_entries(quick_run):
+    with open(quick_run / "soak.json") as f:
+        res = json.load(f)
+    md = (quick_run / "soak.md").read_text()
+    assert md.startswith("# Benchmark `soak`") and "| stream |" in md and "| train |" in md
+    assert res["quick"] is True and not res["skipped"], res["skipped"]
+    c = res["config"]
+    assert c == {**c, "I": 64, "H": 256, "stream_steps": 2000, "train_iters": 20}
+    stream, train = res["cases"]["stream"], res["cases"]["train"]
+    assert stream["steps"] == c["stream_steps"] and train["iterations"] == c["train_iters"]
+    for e in (stream, train):
+        assert e["finite"] and e["rss_before_mib"] > 0 and e["rss_after_mib"] > 0
+        assert e["growth_mib"] == e["rss_after_mib"] - e["rss_before_mib"]
+        assert len(e["rss_trace"]) == c["samples"] + 1 and e["rss_trace"][0][0] == 0
+        assert isinstance(e["flat"], bool) and isinstance(e["nrt_net_growth"], int)
+    assert stream["nonfinite_checks"] == 0 and 0 < stream["max_abs_h"] <= 1
+    assert train["nonfinite_losses"] == 0 and train["nonfinite_params"] == 0
+    assert stream["us_per_step"] > 0 and train["ms_per_iteration"] > 0

@@ -200,3 +200,21 @@ def test_a_forged_header_size_costs_no_memory(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 10 * 2**20, peak  # a 20000-wide LSTM would take ~13 GB
+
+
+@pytest.mark.parametrize("label,model", _models())
+def test_models_pickle_and_copy(label, model):
+    import copy
+    import pickle
+
+    x = np.random.default_rng(0).standard_normal((6, 2, model.input_size))
+    if model.batch_first:
+        x = x.transpose(1, 0, 2)
+    y, _ = model(x)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        np.testing.assert_array_equal(clone(x)[0], y)
+        if all(w.trainable for w in clone._weights().values()):
+            for p in clone.parameters().values():  # in-place updates reach the kernels
+                p *= 0
+            assert not np.any(clone(x)[0])
+    np.testing.assert_array_equal(model(x)[0], y)  # the original is untouched
