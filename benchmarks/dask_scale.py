@@ -15,14 +15,13 @@ benchmarks`` (it needs the dask extra); results go to
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
-from benchmarks.first import REPO, _stats, _write_atomic, machine_info, machine_markdown
+from benchmarks.first import REPO, _stats, machine_info, machine_markdown, write_results
 
 NAME = "dask_scale"
 FULL = {"B": 256, "T": 200, "I": 64, "H": 128, "repeats": 5}
@@ -75,13 +74,7 @@ def run(quick=False, out_dir=None, log=print):
     c = result["cases"]
     result["speedup_2_vs_1"] = c["1 worker"]["median"] / c["2 workers"]["median"]
     result["speedup_2_vs_local"] = c["local"]["median"] / c["2 workers"]["median"]
-    if hasattr(os, "getloadavg"):
-        result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    json_path = os.path.join(out_dir, f"{NAME}.json")
-    md_path = os.path.join(out_dir, f"{NAME}.md")
-    _write_atomic(json_path, json.dumps(result, indent=2) + "\n")
-    _write_atomic(md_path, markdown(result))
-    result["files"] = [json_path, md_path]
+    result["files"] = write_results(NAME, result, out_dir, markdown)
     return result
 
 

@@ -356,6 +356,17 @@ def _compare(result, outs):
             k: float(np.max(np.abs(mine[k] - theirs[pre + k]))) for k in ("stream", "sequence")}
 
 
+def write_results(name, result, out_dir, markdown):
+    """Note the load average at the end, write ``<name>.json`` and ``<name>.md``
+    to ``out_dir`` atomically, and return their paths."""
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md")]
+    _write_atomic(paths[0], json.dumps(result, indent=2) + "\n")
+    _write_atomic(paths[1], markdown(result))
+    return paths
+
+
 def _write_atomic(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

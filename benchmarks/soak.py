@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from benchmarks.first import REPO, _write_atomic, machine_info, machine_markdown, run_worker
+from benchmarks.first import REPO, machine_info, machine_markdown, run_worker, write_results
 from benchmarks.memory import MIB, _maxrss_kib, _reset_peak, _rss_kib
 
 NAME = "soak"
@@ -211,13 +211,7 @@ def run(quick=False, out_dir=None, log=print):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    if hasattr(os, "getloadavg"):
-        result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    json_path = os.path.join(out_dir, f"{NAME}.json")
-    md_path = os.path.join(out_dir, f"{NAME}.md")
-    _write_atomic(json_path, json.dumps(result, indent=2) + "\n")
-    _write_atomic(md_path, markdown(result))
-    result["files"] = [json_path, md_path]
+    result["files"] = write_results(NAME, result, out_dir, markdown)
     return result
 
 

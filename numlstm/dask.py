@@ -211,7 +211,10 @@ def score(client, model, xs, *, lengths=None, state=None, chunk_size=None,
              None if lengths is None else lengths[a:b],
              None if h0 is None else np.ascontiguousarray(h0[:, a:b]),
              None if c0 is None else np.ascontiguousarray(c0[:, a:b]))
-            for t, (a, b) in zip(take, parts, strict=True)])
+            for t, (a, b) in zip(take, parts, strict=True)], hash=False)
+        # hash=False: equal inputs scored twice would otherwise get the same keys,
+        # and re-scattering a key the scheduler is still releasing from the last
+        # call cancels the new tasks ("lost dependencies", 1 run in 4 here).
         tasks = client.map(_score_packed, [future] * len(data), data, pure=False)
         results = client.gather(tasks)
     finally:
@@ -318,7 +321,7 @@ class DataParallel:
         total = sum(weights)
         if total <= 0:
             raise ValueError("lengths must leave at least one valid step")
-        data = self.client.scatter(shards)
+        data = self.client.scatter(shards, hash=False)  # see score
         tasks = [self.client.submit(_shard_from_packed, self.model_future, values, d,
                                     self.loss_grad, pure=False) for d in data]
         try:
