@@ -322,17 +322,9 @@ def run(quick=False, out_dir=None, log=print):
             result["cases"][case] = entry
             log(f"{case}: stream {entry['stream_us']['median']:.1f} µs/step, "
                 f"sequence {entry['sequence_us']['median']:.1f} µs/step")
-    if hasattr(os, "getloadavg"):
-        result["machine"]["load_average_at_end"] = list(os.getloadavg())
     _compare(result, outs)
-    json_path = os.path.join(out_dir, f"{NAME}.json")
-    md_path = os.path.join(out_dir, f"{NAME}.md")
-    _write_atomic(json_path, json.dumps(result, indent=2) + "\n")
-    _write_atomic(md_path, markdown(result))
-    result["files"] = [json_path, md_path]
-    png = _plot(result, os.path.join(out_dir, f"{NAME}.png"))
-    if png:
-        result["files"].append(png)
+    result["files"] = write_results(NAME, result, out_dir, markdown,
+                                    _draw if result["cases"] else None)
     return result
 
 
@@ -356,14 +348,28 @@ def _compare(result, outs):
             k: float(np.max(np.abs(mine[k] - theirs[pre + k]))) for k in ("stream", "sequence")}
 
 
-def write_results(name, result, out_dir, markdown):
+def write_results(name, result, out_dir, markdown, draw=None):
     """Note the load average at the end, write ``<name>.json`` and ``<name>.md``
-    to ``out_dir`` atomically, and return their paths."""
+    to ``out_dir`` atomically, and ``<name>.png`` with ``draw(result, ax)`` when
+    given and matplotlib is importable; return the paths written."""
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
     paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md")]
     _write_atomic(paths[0], json.dumps(result, indent=2) + "\n")
     _write_atomic(paths[1], markdown(result))
+    if draw is not None and importlib.util.find_spec("matplotlib") is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        draw(result, ax)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"{name}.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 
@@ -439,17 +445,9 @@ def machine_markdown(m, threads):
     return lines
 
 
-def _plot(result, path):
-    """A bar chart beside the tables, when matplotlib is importable."""
-    if importlib.util.find_spec("matplotlib") is None or not result["cases"]:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw(result, ax):
+    """A bar chart of the medians, beside the tables."""
     cases = list(result["cases"])
-    fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.38
     for j, kind in enumerate(("stream", "sequence")):
         med = [result["cases"][cs][f"{kind}_us"]["median"] for cs in cases]
@@ -457,11 +455,6 @@ def _plot(result, path):
     ax.set_xticks(np.arange(len(cases)), cases)
     ax.set_ylabel("µs per time step (median)")
     ax.set_title(f"batch 1, I={I}, H={H}, T={result['config']['T']}, float32")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from benchmarks.first import REPO, _stats, _write_atomic, machine_info, machine_markdown, run_worker
+from benchmarks.first import REPO, _stats, machine_info, machine_markdown, run_worker, write_results
 
 NAME = "memory"
 B, I, H = 16, 64, 256
@@ -326,17 +326,9 @@ def run(quick=False, out_dir=None, log=print):
             result["stream"][system] = res
             log(f"{key}: RSS {res['rss_before_mib']:.1f} -> {res['rss_after_mib']:.1f} MiB, "
                 f"{res['us_per_step']:.1f} µs/step")
-    if hasattr(os, "getloadavg"):
-        result["machine"]["load_average_at_end"] = list(os.getloadavg())
     _compare(result)
-    json_path = os.path.join(out_dir, f"{NAME}.json")
-    md_path = os.path.join(out_dir, f"{NAME}.md")
-    _write_atomic(json_path, json.dumps(result, indent=2) + "\n")
-    _write_atomic(md_path, markdown(result))
-    result["files"] = [json_path, md_path]
-    png = _plot(result, os.path.join(out_dir, f"{NAME}.png"))
-    if png:
-        result["files"].append(png)
+    result["files"] = write_results(NAME, result, out_dir, markdown,
+                                    _draw if result["train"] else None)
     return result
 
 
@@ -505,16 +497,8 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def _plot(result, path):
-    """Peak increase against T per system, when matplotlib is importable."""
-    if importlib.util.find_spec("matplotlib") is None or not result["train"]:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def _draw(result, ax):
+    """Peak increase against T per system."""
     for system in SYSTEMS:
         pts = [(int(T), row[system]["peak_increase_mib"])
                for T, row in result["train"].items() if system in row]
@@ -524,11 +508,6 @@ def _plot(result, path):
     ax.set_xlabel("T (time steps)")
     ax.set_ylabel("peak RSS increase, MiB")
     ax.set_title(f"one forward+backward, B={B}, I={I}, H={H}, float32")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

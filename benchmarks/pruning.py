@@ -13,7 +13,6 @@ step and of a streaming step at batch 1.
 ``--quick`` for a tiny smoke run.
 """
 
-import json
 import math
 import os
 import time
@@ -21,7 +20,7 @@ import tracemalloc
 
 import numpy as np
 
-from benchmarks.first import _write_atomic, machine_info, machine_markdown
+from benchmarks.first import machine_info, machine_markdown, write_results
 from numlstm import demo, prune
 from numlstm.lstm import LSTM
 from numlstm.quantize import quantize
@@ -135,20 +134,13 @@ def run(quick=False, out_dir=None, log=print):
                                  None, None, y_float))
             model.load_state_dict(state)  # back to float for the next branch
 
-    machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") \
-        else None
     result = {"name": NAME, "quick": quick, "config": cfg, "machine": machine,
               "data": f"{train.size:,} training / {valid.size:,} validation characters of "
                       f"stdlib source ({', '.join(names)})",
               "rows": rows}
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
-    files = []
-    for ext, text in (("json", json.dumps(result, indent=1)), ("md", markdown(result))):
-        path = os.path.join(out_dir, f"{NAME}.{ext}")
-        _write_atomic(path, text)
-        files.append(path)
-    result["files"] = files
+    result["files"] = write_results(NAME, result, out_dir, markdown)
     return result
 
 

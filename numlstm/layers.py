@@ -11,7 +11,7 @@ import numpy as np
 
 from numlstm import weights as W
 from numlstm.kernels import cpu as K
-from numlstm.lstm import _check_int, _matmul_batch
+from numlstm.lstm import _check_int, _matmul_batch, _sddmm_acc
 
 
 class _Module:
@@ -121,9 +121,8 @@ class Linear(_Module):
             K.dense_grad_acc(self._grads["weight"], np.empty_like(self._grads["weight"]),
                              np.ascontiguousarray(dy2), x2)
         else:
-            dz_t, a_t = np.ascontiguousarray(dy2.T), np.ascontiguousarray(x2.T)
-            kernel = K.bsr_sddmm_acc if w.format == "bsr" else K.sddmm_acc
-            kernel(self._grads["weight"], dz_t, a_t, w.indices, w.indptr)
+            _sddmm_acc(self._grads["weight"], np.ascontiguousarray(dy2.T),
+                       np.ascontiguousarray(x2.T), w)
         dx = np.empty_like(x2)
         _matmul_batch(dx, dy2, w, transposed=True)
         return dx.reshape(shape)

@@ -11,6 +11,7 @@ of its input reversed within each sequence's own length, so the kernels only
 ever walk forward in time.
 """
 
+import contextlib
 import math
 import threading
 
@@ -754,6 +755,7 @@ class LSTM:
         with self._exclusive():
             return self._backward(dy, dstate)
 
+    @contextlib.contextmanager
     def _exclusive(self):
         """Hold the model for one forward or backward; refuse, never wait, when
         another thread holds it: the two would share its workspace and tape."""
@@ -761,7 +763,10 @@ class LSTM:
             raise RuntimeError("model is busy in another thread: one model's forward and "
                                "backward share its workspace, so they cannot run from two "
                                "threads at once; use a model (or a stream) per thread")
-        return _Release(self._busy)
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def _backward(self, dy, dstate):
         tape = self._tape
@@ -946,12 +951,7 @@ class LSTM:
         a_t = _first(v["a_t"], C * N).reshape(C, N)
         np.copyto(dz_t, dz.T)
         np.copyto(a_t, a.T)
-        parallel = weight.nnz * N >= config.PARALLEL_MIN_WORK
-        if weight.format == "bsr":
-            kernel = K.bsr_sddmm_acc_parallel if parallel else K.bsr_sddmm_acc
-        else:
-            kernel = K.sddmm_acc_parallel if parallel else K.sddmm_acc
-        kernel(grad, dz_t, a_t, weight.indices, weight.indptr)
+        _sddmm_acc(grad, dz_t, a_t, weight)
 
     # ------------------------------------------------------------------
     # Streaming
@@ -969,21 +969,6 @@ class LSTM:
                 f"bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
                 f"bidirectional={self.bidirectional}, proj_size={self.proj_size}, "
                 f"dtype={self.dtype.name}, weights={'+'.join(kinds)})")
-
-
-class _Release:
-    """Context manager releasing an already acquired lock on exit."""
-
-    __slots__ = ("lock",)
-
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
 
 
 def _zero_padding(out, lengths, t0):
@@ -1018,6 +1003,17 @@ def _transposed_nbytes(weight):
 def _first(buf, n):
     """The first n elements of a workspace view, flat (contiguous, no copy)."""
     return buf.reshape(-1)[:n]
+
+
+def _sddmm_acc(grad, dz_t, a_t, weight):
+    """grad += (dz_t a_t^T) on a sparse weight's stored values (CSR or BSR), with
+    dz_t (R, N) and a_t (K, N); threads only where the work outweighs them."""
+    parallel = weight.nnz * dz_t.shape[1] >= config.PARALLEL_MIN_WORK
+    if weight.format == "bsr":
+        kernel = K.bsr_sddmm_acc_parallel if parallel else K.bsr_sddmm_acc
+    else:
+        kernel = K.sddmm_acc_parallel if parallel else K.sddmm_acc
+    kernel(grad, dz_t, a_t, weight.indices, weight.indptr)
 
 
 def _matmul_batch(out, x, weight, transposed=False):

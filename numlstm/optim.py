@@ -132,7 +132,7 @@ class Optimizer:
         index of every new value in the old values); ``module`` says whose
         weights they are (default: the first module with those names).
         """
-        from numlstm.prune import remap_state
+        from numlstm.prune import remap_values
 
         index = 0 if module is None else next(
             (i for i, m in enumerate(self.modules) if m is module), None)
@@ -141,8 +141,8 @@ class Optimizer:
         for name, pos in positions.items():
             st = self.state.get((index, name))
             if st is not None:
-                self.state[(index, name)] = {
-                    slot: remap_state({name: arr}, {name: pos})[name] for slot, arr in st.items()}
+                self.state[(index, name)] = {slot: remap_values(arr, pos)
+                                             for slot, arr in st.items()}
 
     def reset(self):
         """Forget all per-value state (and the step count)."""

@@ -151,12 +151,18 @@ def remap_state(state, positions):
     out = dict(state)
     for name, pos in positions.items():
         if name in state:
-            old = np.asarray(state[name]).reshape(-1)
-            new = np.zeros(pos.shape, old.dtype)
-            held = pos >= 0
-            new[held] = old[pos[held]]
-            out[name] = new
+            out[name] = remap_values(state[name], pos)
     return out
+
+
+def remap_values(old, positions):
+    """One array shaped like a weight's old values, carried over to its new
+    pattern: ``positions`` as a pruning function returned it for that weight."""
+    old = np.asarray(old).reshape(-1)
+    new = np.zeros(positions.shape, old.dtype)
+    held = positions >= 0
+    new[held] = old[positions[held]]
+    return new
 
 
 class GradualPruner:

@@ -181,8 +181,8 @@ class CSR(_Weight):
         if not self.trainable:
             raise TypeError(f"a {self.value_type} weight is for inference only")
         if self._transposed is None:
-            self._transposed = _transpose_pattern(self.indices, self.indptr, self.shape,
-                                                  self.data.dtype)
+            pattern = _transpose_pattern(self.indices, self.indptr, self.shape)
+            self._transposed = (np.empty_like(self.data),) + pattern
         data_t, indices_t, indptr_t, perm = self._transposed
         np.take(self.data, perm, out=data_t)
         return self._no_dense, data_t, indices_t, indptr_t
@@ -260,14 +260,16 @@ def describe(weight):
     return f"csr {weight.value_type}/{weight.index_type}"
 
 
-def _transpose_pattern(indices, indptr, shape, dtype):
+def _transpose_pattern(indices, indptr, shape):
+    """(indices_t, indptr_t, perm): the CSR pattern of W^T, and for each of its
+    values the position of the same value in W's."""
     nnz = indices.shape[0]
     order = sp.csr_array((np.arange(nnz, dtype=np.int64), indices.astype(np.int32), indptr),
                          shape=shape)
     t = order.T.tocsr()
     t.sort_indices()
     perm = np.ascontiguousarray(t.data, dtype=np.int64)
-    return (np.empty(nnz, dtype), t.indices.astype(np.int32), t.indptr.astype(np.int32), perm)
+    return t.indices.astype(np.int32), t.indptr.astype(np.int32), perm
 
 
 def _transpose_blocks(data, indices, indptr, shape):
@@ -275,7 +277,7 @@ def _transpose_blocks(data, indices, indptr, shape):
     br, bc = data.shape[1:]
     nb = data.shape[0]
     grid = (shape[0] // br, shape[1] // bc)
-    _, indices_t, indptr_t, perm = _transpose_pattern(indices, indptr, grid, np.int64)
+    indices_t, indptr_t, perm = _transpose_pattern(indices, indptr, grid)
     data_t = np.empty((nb, bc, br), data.dtype)
     return data_t, indices_t, indptr_t, perm
 

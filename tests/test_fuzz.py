@@ -113,6 +113,15 @@ def test_constructor(I, H, L, P, dropout, dtype, flags):
     _count("constructor")
     m, err = _call(lambda: numlstm.LSTM(I, H, L, proj_size=P, dropout=dropout, dtype=dtype,
                                         seed=0, **flags))
+
+    def size(v, low):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and low <= v <= 5
+
+    valid = (size(I, 1) and size(H, 1) and size(L, 1) and size(P, 0) and P < H
+             and isinstance(dropout, float) and 0 <= dropout < 1
+             and dtype in (np.float32, np.float64, "float64"))
+    if valid:
+        assert err is None, f"a valid configuration was refused: {err!r}"
     if err is not None:
         return
     assert m.input_size == I and m.hidden_size == H and m.num_layers == L
