@@ -55,7 +55,10 @@ def _random_csr(rng, R, C, density, dtype):
     return W.from_value(m, "w", (R, C), dtype), m.toarray()
 
 
-shapes = st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(1, 9),
+# Multiples of 8 reach the 8x1 and 1x8 BSR kernels; N >= 8 the panel kernels
+# (eight rows of x at once), with N % 8 rows left for the row-by-row path.
+_sizes = st.one_of(st.integers(1, 9), st.sampled_from([8, 16, 24]))
+shapes = st.tuples(st.integers(1, 20), _sizes, _sizes,
                    st.sampled_from([0.0, 0.3, 1.0]), st.sampled_from([np.float32, np.float64]))
 
 
@@ -71,6 +74,10 @@ def _kinds(rng, R, C, density, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     out = [(W.Dense(dense.copy()), dense, tol), (csr, dense, tol),
            (quantize_weight(csr, None, "uint16"), dense, tol), (bsr, blocked.toarray(), tol)]
+    for block in ((8, 1), (1, 8)):  # the shapes with vector kernels of their own
+        if R % block[0] == 0 and C % block[1] == 0:
+            blocked = sp.bsr_array(dense, blocksize=block)
+            out.append((W.from_value(blocked, "w", (R, C), dtype), blocked.toarray(), tol))
     for values in ("float16", "int8"):
         q = quantize_weight(csr, values, "uint16")
         out.append((q, q.to_array(), tol))  # exact products of the stored values

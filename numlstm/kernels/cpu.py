@@ -36,6 +36,7 @@ from numba import types as nbtypes
 from numba.extending import overload
 
 from numlstm import config
+from numlstm.kernels import vector_ir as V
 
 # error_model="numpy": a float division by zero gives inf/nan instead of raising,
 # which removes a branch per division and lets LLVM vectorise the gate loops.
@@ -178,6 +179,37 @@ def _csr_row_dot(xn, data, indices, start, end):
     return acc
 
 
+def _panel(out, x, w0, data, indices, indptr, n0):
+    """out[n0:n0+8] = x[n0:n0+8] @ W^T with a panel kernel; False (nothing
+    done) when the weight's kind has none, and the caller goes row by row."""
+
+
+@overload(_panel, jit_options=_OPTS)
+def _panel_overload(out, x, w0, data, indices, indptr, n0):
+    if not V.applies(out, x, data, indices, indptr):
+        return lambda out, x, w0, data, indices, indptr, n0: False
+    if data.ndim == 1:
+        def csr(out, x, w0, data, indices, indptr, n0):
+            if x.shape[1] > V.PANEL_MAX_K:
+                return False
+            V.panel_csr(out, x, data, indices, indptr, n0)
+            return True
+        return csr
+
+    def bsr(out, x, w0, data, indices, indptr, n0):
+        br, bc = data.shape[1], data.shape[2]
+        if x.shape[1] > V.PANEL_MAX_K:
+            return False
+        if br == 8 and bc == 1:
+            V.panel_8x1(out, x, data, indices, indptr, n0)
+            return True
+        if br == 1 and bc == 8:
+            V.panel_1x8(out, x, data, indices, indptr, n0)
+            return True
+        return False
+    return bsr
+
+
 def _sparse_row(on, xn, w0, data, indices, indptr):
     """on (R,) = W xn for one row xn (K,) of a sparse weight (CSR or BSR)."""
 
@@ -185,8 +217,16 @@ def _sparse_row(on, xn, w0, data, indices, indptr):
 @overload(_sparse_row, jit_options=_OPTS)
 def _sparse_row_overload(on, xn, w0, data, indices, indptr):
     if data.ndim == 3:  # BSR: data (nblocks, br, bc), indices and indptr over blocks
+        fast = V.applies(on, xn, data, indices, indptr)
+
         def bsr_row(on, xn, w0, data, indices, indptr):
             br, bc = data.shape[1], data.shape[2]
+            if fast and br == 8 and bc == 1:
+                V.bsr_rows_8x1(on, xn, data, indices, indptr)
+                return
+            if fast and br == 1 and bc == 8:
+                V.bsr_rows_1x8(on, xn, data, indices, indptr)
+                return
             for rb in range(indptr.shape[0] - 1):
                 orow = on[rb * br:(rb + 1) * br]
                 orow[:] = 0
@@ -216,9 +256,18 @@ def _sparse_row_overload(on, xn, w0, data, indices, indptr):
 
 def _sparse_matmul(out, x, w0, data, indices, indptr):
     """out (N, R) = x (N, K) @ W^T for a sparse W (R, K): CSR of any value
-    kind, or BSR. The parallel variant (for the N = T*B rows of a whole
-    sequence) splits the rows of x over threads."""
-    for n in prange(x.shape[0]):
+    kind, or BSR. Panels of eight rows of x go through a panel kernel where
+    the kind has one (float CSR, 8x1 and 1x8 BSR), the rest row by row. The
+    parallel variant (for the N = T*B rows of a whole sequence) splits panels
+    and rows over threads."""
+    N = x.shape[0]
+    panels = N // V.LANES
+    done = 0
+    if panels > 0 and _panel(out, x, w0, data, indices, indptr, 0):
+        for p in prange(1, panels):
+            _panel(out, x, w0, data, indices, indptr, p * V.LANES)
+        done = panels * V.LANES
+    for n in prange(done, N):
         _sparse_row(out[n], x[n], w0, data, indices, indptr)
 
 
