@@ -30,3 +30,38 @@ CACHE = os.environ.get("NUMLSTM_NO_CACHE", "") == ""
 # use the ``parallel=True`` variant when their work, counted in multiply-adds,
 # is at least this large.
 PARALLEL_MIN_WORK = 2_000_000
+
+# ---------------------------------------------------------------------------
+# CUDA launch geometry (numlstm.kernels.cuda), read at every launch. Tests
+# running under NUMBA_ENABLE_CUDASIM=1 patch these small: the simulator runs
+# each thread as a Python thread (~0.3 ms each).
+# ---------------------------------------------------------------------------
+
+# Threads per block of the 1-D kernels (pointwise steps, sparse products,
+# SDDMM). A multiple of CUDA_LANES.
+CUDA_THREADS_PER_BLOCK = 256
+
+# Most threads that cooperate on one sparse dot product or one SDDMM value (a
+# power of two, at most a warp). Fewer are used when rows are short.
+CUDA_LANES = 32
+
+# Edge of the square tile of the dense product kernel (CUDA_TILE**2 threads).
+CUDA_TILE = 16
+
+# Cap on the grid of grid-stride kernels.
+CUDA_MAX_BLOCKS = 4096
+
+# Threads per block of the persistent whole-sequence kernel.
+CUDA_PERSISTENT_THREADS = 256
+
+# Blocks of the persistent kernel; None sizes the grid from the device (no more
+# than can be resident at once, as its grid barrier requires). The simulator
+# always uses one block: it runs blocks one after another, so a cross-block
+# barrier would wait forever there.
+CUDA_PERSISTENT_BLOCKS = None
+
+# Dynamic shared memory a block may use (bytes): 48 KiB works on every device
+# without an opt-in. The persistent kernel keeps the recurrent weights in
+# shared memory when they fit under this, and reads them from global (L2)
+# memory otherwise.
+CUDA_SHARED_BYTES = 48 * 1024
