@@ -88,6 +88,13 @@ def test_products_match_numpy(kind, dtype):
         out = dev(np.full((N, R), np.nan, dtype))
         C.matmul(out, dev(x), *dev_args(w.kernel_args()))
         np.testing.assert_allclose(host(out), x @ dense.T, **TOL[dtype])
+        if kind == "dense":
+            with pytest.raises(TypeError, match="CSR or BSR"):
+                C.sparse_matmul(out, dev(x), *dev_args(w.kernel_args()))
+        else:
+            out = dev(np.full((N, R), np.nan, dtype))
+            C.sparse_matmul(out, dev(x), *dev_args(w.kernel_args()))
+            np.testing.assert_allclose(host(out), x @ dense.T, **TOL[dtype])
         xr = rng.standard_normal((N, R)).astype(dtype)
         out_t = dev(np.full((N, C_), np.nan, dtype))
         C.matmul_t(out_t, dev(xr), *dev_args(w.kernel_args_t()))
@@ -164,6 +171,9 @@ def test_gathers():
     out = dev(np.zeros((4, 3), np.float32))
     C.gather_rows(out, dev(x), dev(np.array([3, 1, 2, 0])))
     np.testing.assert_array_equal(host(out), x[[3, 1, 2, 0]])
+    out = dev(np.zeros((3, 4), np.float32))
+    C.transpose(out, dev(x))
+    np.testing.assert_array_equal(host(out), x.T)
 
 
 # ----------------------------------------------------------------------------

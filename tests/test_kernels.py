@@ -162,6 +162,15 @@ def test_gather_rows():
     np.testing.assert_array_equal(out, x[[3, 1, 2, 0]])
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (31, 33), (64, 32), (70, 5)])
+def test_transpose_covers_partial_tiles(shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for kernel in (K.transpose, K.transpose_parallel):
+        out = np.full(shape[::-1], np.nan, np.float32)
+        kernel(out, x)
+        np.testing.assert_array_equal(out, x.T)
+
+
 def test_sequence_kernels_allocate_nothing_per_time_step():
     """NRT allocation counts of the forward and backward recurrences do not
     grow with T: the only allocations are the fixed per-call argument wrappers."""
@@ -188,3 +197,23 @@ def test_sequence_kernels_allocate_nothing_per_time_step():
         K.lstm_seq_backward(*backward)
         counts.append(rtsys.get_allocation_stats().alloc - before)
     assert counts[0] == counts[1], counts
+
+
+def test_every_cpu_kernel_has_a_cuda_twin_with_its_arguments():
+    """DESIGN §5: kernels/cuda.py mirrors kernels/cpu.py name for name and
+    argument for argument (the CUDA functions add a keyword-only ``stream``)."""
+    import inspect
+
+    from numba.core.registry import CPUDispatcher
+
+    cuda_kernels = pytest.importorskip("numlstm.kernels.cuda")
+    names = [n for n, f in vars(K).items() if isinstance(f, CPUDispatcher)
+             and not n.startswith("_") and not n.endswith("_parallel")]
+    assert {"matmul", "matmul_t", "lstm_step", "sddmm_acc", "transpose"} <= set(names)
+    for name in names:
+        twin = getattr(cuda_kernels, name, None)
+        assert callable(twin), f"kernels.cuda has no {name}"
+        cpu_params = list(inspect.signature(getattr(K, name).py_func).parameters)
+        gpu_params = [p.name for p in inspect.signature(twin).parameters.values()
+                      if p.kind is not p.KEYWORD_ONLY]
+        assert gpu_params == cpu_params, name

@@ -368,6 +368,17 @@ def _build(ft):
         n = e // F
         out[n, e - n * F] = x[index[n], e - n * F]
 
+    @cuda.jit
+    def _transpose_kernel(out, x):
+        """out[c, n] = x[n, c] for 2-D x (N, C), one element per thread
+        (consecutive threads read consecutive x; for the SDDMM operands)."""
+        e = cuda.grid(1)
+        C = x.shape[1]
+        if e >= x.shape[0] * C:
+            return
+        n = e // C
+        out[e - n * C, n] = x[n, e - n * C]
+
     # ------------------------------------------------------------------
     # Persistent forward: the whole sequence in one launch
     # ------------------------------------------------------------------
@@ -570,6 +581,7 @@ def _build(ft):
         _copy_rows_kernel=_copy_rows_kernel,
         _gather_blocks_t_kernel=_gather_blocks_t_kernel,
         _gather_rows_kernel=_gather_rows_kernel,
+        _transpose_kernel=_transpose_kernel,
         _persistent_forward_kernel=_persistent_forward_kernel,
         _zero_kernel=_zero_kernel,
     )
@@ -727,6 +739,14 @@ def matmul(out, x, w0, data, indices, indptr, *, stream=0):
     _product(out, x, w0, data, indices, indptr, False, stream)
 
 
+def sparse_matmul(out, x, w0, data, indices, indptr, *, stream=0):
+    """``matmul`` for a sparse W (CSR or BSR), as the CPU's batched product;
+    there is no separate parallel variant: every launch fills the device."""
+    if np.dtype(data.dtype).kind == "f" and data.ndim == 1 and w0.shape[0] > 0:
+        raise TypeError("sparse_matmul takes a CSR or BSR weight, got a dense one")
+    _product(out, x, w0, data, indices, indptr, False, stream)
+
+
 def matmul_t(out, x, w0, data_t, indices_t, indptr_t, *, stream=0):
     """out (N, K) = x (N, R) @ W for W (R, K): dense W, or the CSR/BSR
     pattern of W^T (``kernel_args_t()``) in the last three slots."""
@@ -867,6 +887,13 @@ def gather_rows(out, x, index, *, stream=0):
     out, x, index = _dev(out), _dev(x), _dev(index)
     _launch_1d(_kernels(out.dtype)["_gather_rows_kernel"], index.shape[0] * out.shape[1],
                (out, x, index), stream)
+
+
+def transpose(out, x, *, stream=0):
+    """out (C, N) = x (N, C)^T."""
+    out, x = _dev(out), _dev(x)
+    _launch_1d(_kernels(out.dtype)["_transpose_kernel"], x.shape[0] * x.shape[1], (out, x),
+               stream)
 
 
 # ----------------------------------------------------------------------------
@@ -1032,6 +1059,7 @@ def _signature(name, ft, index=int32):
         "_copy_rows_kernel": (a2, a2, l1, n, n),
         "_gather_blocks_t_kernel": (a3, a3, l1),
         "_gather_rows_kernel": (a2, a2, l1),
+        "_transpose_kernel": (a2, a2),
         "_persistent_forward_kernel": (a3, a3, a3, a3, l1, a1, a1, a2, a1, i1, i1,
                                        a2, a1, i1, i1, int32[::1], n, n, n, n),
         "_zero_kernel": (int32[::1],),
