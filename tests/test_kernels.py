@@ -217,3 +217,20 @@ def test_every_cpu_kernel_has_a_cuda_twin_with_its_arguments():
         gpu_params = [p.name for p in inspect.signature(twin).parameters.values()
                       if p.kind is not p.KEYWORD_ONLY]
         assert gpu_params == cpu_params, name
+
+
+def test_panel_products_fall_back_row_by_row_for_very_wide_inputs():
+    """A panel's transposed copy of x lives on the stack, so inputs wider than
+    PANEL_MAX_K go row by row instead; both paths must give the product."""
+    from numlstm.kernels import vector_ir
+
+    rng = np.random.default_rng(3)
+    for C in (vector_ir.PANEL_MAX_K, vector_ir.PANEL_MAX_K + 8):
+        dense = rng.standard_normal((8, C)).astype(np.float32)
+        dense[rng.random((8, C)) < 0.9] = 0
+        x = rng.standard_normal((9, C)).astype(np.float32)
+        for value in (sp.csr_array(dense), sp.bsr_array(dense, blocksize=(8, 1))):
+            weight = W.from_value(value, "w", (8, C), np.float32)
+            out = np.full((9, 8), np.nan, np.float32)
+            K.matmul(out, x, *weight.kernel_args())
+            np.testing.assert_allclose(out, x @ dense.T, rtol=1e-4, atol=1e-4)

@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 LANES = 8  # vector width in elements, and rows of x per panel
 CHAINS = 4  # independent accumulators per sum
-PANEL_MAX_K = 8192  # a panel's transposed copy lives on the stack: <= 512 KiB (float64)
+PANEL_MAX_K = 4096  # a panel's transposed copy lives on the stack: <= 256 KiB (float64)
 
 _I64 = ir.IntType(64)
 
