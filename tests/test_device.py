@@ -1,0 +1,693 @@
+"""Device-resident models (``model.to("cuda")``, numlstm.device) against the CPU model.
+
+Without a GPU these run under the CUDA simulator, which must be switched on
+before numba is imported:
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest -q tests/test_device.py
+
+With neither a GPU nor the simulator, the module is skipped with that reason.
+Shapes are tiny and the launch geometry is patched small under the simulator,
+which runs every CUDA thread as a Python thread.
+"""
+
+import copy
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numlstm
+from numlstm import config, optim, prune, quantize
+
+
+def _skip_reason():
+    try:
+        import numba
+        from numba import cuda
+    except Exception as e:  # pragma: no cover - numba is a dependency
+        return f"numba.cuda cannot be imported: {e}"
+    if numba.config.ENABLE_CUDASIM:
+        return None
+    if not cuda.is_available():
+        return ("no CUDA GPU, and the CUDA simulator is off: run with "
+                "NUMBA_ENABLE_CUDASIM=1 (set before numba is imported)")
+    return None
+
+
+REASON = _skip_reason()
+device = pytest.mark.skipif(REASON is not None, reason=REASON or "")  # every test but PTX's
+
+if REASON is None:
+    import numba
+    from numba import cuda
+
+    import numlstm.device as D
+
+    SIM = bool(numba.config.ENABLE_CUDASIM)
+else:  # pragma: no cover
+    SIM = False
+
+TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
+FEW = settings(max_examples=8, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def small_launches():
+    """Under the simulator: tiny blocks, and a short GIL switch interval (the
+    simulator's launcher polls its threads; at the default 5 ms interval each
+    barrier costs a switch, 5-10x slower)."""
+    if not SIM:
+        yield
+        return
+    names = {"CUDA_THREADS_PER_BLOCK": 16, "CUDA_TILE": 4, "CUDA_LANES": 4,
+             "CUDA_MAX_BLOCKS": 2}
+    saved = {n: getattr(config, n, None) for n in names}
+    interval = sys.getswitchinterval()
+    for n, v in names.items():
+        setattr(config, n, v)
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(interval)
+    for n, v in saved.items():
+        setattr(config, n, v)
+
+
+def host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def ptr(a):
+    """The address of a device array's first element (simulator: host memory)."""
+    if SIM and hasattr(a, "_ary"):
+        return a._ary.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
+
+
+def make_model(I, H, *, L=1, D2=False, P=0, bias=True, dtype=np.float64, seed=0,
+               sparse=(False, False, False), sparsity=0.5, batch_first=False, dropout=0.0):
+    m = numlstm.LSTM(I, H, num_layers=L, bidirectional=D2, proj_size=P, bias=bias,
+                     dtype=dtype, seed=seed, batch_first=batch_first, dropout=dropout)
+    rng = np.random.default_rng(seed + 1)
+    state = {}
+    for name, w in m.state_dict().items():
+        if name.startswith("weight"):
+            kind = ("ih", "hh", "hr").index(name.split("_")[1])
+            if sparse[kind]:
+                w = np.where(rng.random(w.shape) < sparsity, 0, w)
+                w = sp.csr_array(w)
+        state[name] = w
+    m.load_state_dict(state)
+    return m
+
+
+@st.composite
+def cases(draw):
+    T, B = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    H = draw(st.integers(1, 4))
+    L = draw(st.integers(1, 2))
+    return dict(
+        T=T, B=B, I=draw(st.integers(1, 3)), H=H, L=L, D2=draw(st.booleans()),
+        P=draw(st.integers(0, H - 1)) if H > 1 else 0, bias=draw(st.booleans()),
+        dtype=draw(st.sampled_from([np.float32, np.float64])),
+        sparse=tuple(draw(st.booleans()) for _ in range(3)),
+        sparsity=draw(st.sampled_from([0.0, 0.5, 0.99])),
+        batch_first=draw(st.booleans()),
+        dropout=draw(st.sampled_from([0.0, 0.5])) if L > 1 else 0.0,
+        lengths=np.array(draw(st.lists(st.integers(1, T), min_size=B, max_size=B)))
+        if draw(st.booleans()) else None,
+        with_state=draw(st.booleans()), device_inputs=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)))
+
+
+def build(c):
+    m = make_model(c["I"], c["H"], L=c["L"], D2=c["D2"], P=c["P"], bias=c["bias"],
+                   dtype=c["dtype"], seed=c["seed"], sparse=c["sparse"],
+                   sparsity=c["sparsity"], batch_first=c["batch_first"],
+                   dropout=c["dropout"])
+    rng = np.random.default_rng(c["seed"])
+    T, B, I = c["T"], c["B"], c["I"]
+    x = rng.standard_normal((B, T, I) if c["batch_first"] else (T, B, I)).astype(c["dtype"])
+    DL, O = (2 if c["D2"] else 1) * c["L"], c["P"] or c["H"]
+    state = None
+    if c["with_state"]:
+        state = (rng.standard_normal((DL, B, O)).astype(c["dtype"]),
+                 rng.standard_normal((DL, B, c["H"])).astype(c["dtype"]))
+    return m, x, state, rng
+
+
+def assert_close(actual, expected, dtype, what):
+    np.testing.assert_allclose(host(actual), expected, err_msg=what, **TOL[dtype])
+
+
+# ----------------------------------------------------------------------------
+# The device model computes what the CPU model computes
+# ----------------------------------------------------------------------------
+
+@device
+@FEW
+@given(cases())
+def test_forward_backward_match_cpu(c):
+    cpu, x, state, rng = build(c)
+    dev = copy.deepcopy(cpu).to("cuda")
+    assert dev.device == "cuda" and cpu.device == "cpu"
+    dt = c["dtype"]
+
+    def put(a):  # inputs on the host, or already on the device
+        if a is None or not c["device_inputs"]:
+            return a
+        return tuple(map(cuda.to_device, a)) if isinstance(a, tuple) else cuda.to_device(a)
+
+    # inference
+    y0, (h0, c0) = cpu.forward(x, state, lengths=c["lengths"])
+    y1, (h1, c1) = dev.forward(put(x), put(state), lengths=c["lengths"])
+    assert D.is_device_array(y1) and D.is_device_array(h1)
+    assert_close(y1, y0, dt, "y")
+    assert_close(h1, h0, dt, "h_n")
+    assert_close(c1, c0, dt, "c_n")
+    # training: dropout masks come from the same generator state on both
+    y0, (h0, c0) = cpu.forward(x, state, lengths=c["lengths"], training=True)
+    y1, (h1, c1) = dev.forward(put(x), put(state), lengths=c["lengths"], training=True)
+    assert_close(y1, y0, dt, "training y")
+    dy = rng.standard_normal(y0.shape).astype(dt)
+    dstate = (rng.standard_normal(h0.shape).astype(dt),
+              rng.standard_normal(c0.shape).astype(dt))
+    dx0, (dh0, dc0) = cpu.backward(dy, dstate)
+    dx1, (dh1, dc1) = dev.backward(put(dy), put(dstate), to_host=True)
+    assert isinstance(dx1, np.ndarray)
+    tol = dict(rtol=TOL[dt]["rtol"] * 10, atol=TOL[dt]["atol"] * 10)
+    np.testing.assert_allclose(dx1, dx0, err_msg="dx", **tol)
+    np.testing.assert_allclose(dh1, dh0, err_msg="dh0", **tol)
+    np.testing.assert_allclose(dc1, dc0, err_msg="dc0", **tol)
+    g0, g1 = cpu.grad_arrays(), dev.grad_arrays()
+    assert set(g0) == set(g1)
+    for name in g0:
+        assert D.is_device_array(g1[name]), name
+        np.testing.assert_allclose(host(g1[name]), g0[name], err_msg=name, **tol)
+
+
+@device
+def test_unbatched_and_device_state():
+    cpu = make_model(3, 4, L=2, P=2, sparse=(True, True, False))
+    dev = copy.deepcopy(cpu).to("cuda")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 3))
+    h = rng.standard_normal((2, 2))
+    cc = rng.standard_normal((2, 4))
+    y0, (h0, c0) = cpu(x, (h, cc))
+    y1, (h1, c1) = dev(cuda.to_device(x), (cuda.to_device(h), cuda.to_device(cc)))
+    assert tuple(y1.shape) == (3, 2) and tuple(h1.shape) == (2, 2)
+    for a, b in ((y1, y0), (h1, h0), (c1, c0)):
+        assert_close(a, b, np.float64, "unbatched")
+    y2, _ = dev(x, (h, cc), to_host=True)
+    assert isinstance(y2, np.ndarray)
+    np.testing.assert_allclose(y2, y0, **TOL[np.float64])
+    # a batch of one made by None-indexing (a zero stride) is copied in correctly
+    y3, _ = dev.forward(x[:, None, :], to_host=True)
+    np.testing.assert_allclose(y3[:, 0], cpu(x)[0], **TOL[np.float64])
+
+
+@device
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_persistent_forward_matches_cpu(sparse, monkeypatch):
+    """The opt-in one-launch recurrence (numlstm.device.PERSISTENT_FORWARD)."""
+    monkeypatch.setattr(D, "PERSISTENT_FORWARD", True)
+    D._load()
+
+    def per_step(*args, **kw):
+        raise AssertionError("the per-step recurrence ran, not the persistent one")
+
+    monkeypatch.setattr(D._KC, "lstm_seq_forward", per_step)
+    cpu = make_model(2, 4, L=2, P=2, sparse=(sparse, sparse, sparse), dtype=np.float32)
+    dev = copy.deepcopy(cpu).to("cuda")
+    x = np.random.default_rng(2).standard_normal((3, 2, 2)).astype(np.float32)
+    lengths = np.array([3, 1])
+    y0, (h0, c0) = cpu.forward(x, lengths=lengths, training=True)
+    y1, (h1, c1) = dev.forward(x, lengths=lengths, training=True)
+    for a, b, what in ((y1, y0, "y"), (h1, h0, "h_n"), (c1, c0, "c_n")):
+        assert_close(a, b, np.float32, what)
+    dx0, _ = cpu.backward(np.ones(y0.shape, np.float32))
+    dx1, _ = dev.backward(np.ones(y0.shape, np.float32))
+    assert_close(dx1, dx0, np.float32, "dx")
+
+
+@device
+def test_bsr_weights_match_cpu():
+    cpu = make_model(4, 4, dtype=np.float32, seed=3)
+    prune.blocks(cpu, 0.5, block=(2, 2))
+    assert {w.format for w in cpu._weights().values()} == {"bsr"}
+    dev = copy.deepcopy(cpu).to("cuda")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 2, 4)).astype(np.float32)
+    y0, _ = cpu.forward(x, training=True)
+    y1, _ = dev.forward(x, training=True)
+    assert_close(y1, y0, np.float32, "y")
+    dy = rng.standard_normal(y0.shape).astype(np.float32)
+    dx0, _ = cpu.backward(dy)
+    dx1, _ = dev.backward(dy)
+    assert_close(dx1, dx0, np.float32, "dx")
+    for name, g in cpu.grad_arrays().items():
+        assert_close(dev.grad_arrays()[name], g, np.float32, name)
+
+
+# ----------------------------------------------------------------------------
+# Streaming
+# ----------------------------------------------------------------------------
+
+@device
+@settings(max_examples=4, deadline=None)
+@given(L=st.integers(1, 2), P=st.sampled_from([0, 2]), sparse=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), B=st.integers(1, 2))
+def test_stream_matches_cpu(L, P, sparse, dtype, B):
+    cpu = make_model(3, 4, L=L, P=P, dtype=dtype, sparse=(sparse, sparse, sparse))
+    dev = copy.deepcopy(cpu).to("cuda")
+    rng = np.random.default_rng(L + P)
+    xs = rng.standard_normal((3, B, 3)).astype(dtype)
+    s0 = cpu.stream(B)
+    s1 = dev.stream(B)
+    assert isinstance(s1, numlstm.Stream) and isinstance(s1, D.DeviceStream)
+    for t in range(3):
+        h0 = s0.step(xs[t])
+        # host input, device input, and a host result: all three forms
+        h1 = s1.step(xs[t]) if t == 0 else (
+            s1.step(cuda.to_device(xs[t])) if t == 1 else s1.step(xs[t], to_host=True))
+        if t < 2:
+            assert D.is_device_array(h1)
+        assert_close(h1, h0, dtype, f"step {t}")
+    # streaming T steps == forward over T, on the device
+    y, _ = dev.forward(xs)
+    assert_close(h1, host(y)[-1], dtype, "stream == forward")
+    h, c = s1.state
+    assert D.is_device_array(h)
+    assert_close(c, s0.state[1], dtype, "state c")
+    s1.reset()
+    assert not host(s1.state[0]).any()
+    # a stream built directly goes to the device too
+    assert isinstance(numlstm.Stream(dev, 1), D.DeviceStream)
+
+
+@device
+def test_stream_rebinds_after_load_state_dict():
+    dev = make_model(2, 3).to("cuda")
+    s = dev.stream()
+    x = np.ones((1, 2))
+    cpu = make_model(2, 3, seed=9)
+    dev.load_state_dict(cpu.state_dict())
+    np.testing.assert_allclose(s.step(x, to_host=True), cpu.stream().step(x),
+                               **TOL[np.float64])
+    dev.to("cpu")
+    with pytest.raises(RuntimeError, match="moved to the CPU: make a new stream"):
+        s.step(x)
+
+
+# ----------------------------------------------------------------------------
+# Optimizers on the device
+# ----------------------------------------------------------------------------
+
+OPTIMIZERS = [
+    lambda ms: optim.SGD(ms, lr=0.1),
+    lambda ms: optim.SGD(ms, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda ms: optim.Adam(ms, lr=0.01, weight_decay=0.1),
+    lambda ms: optim.AdamW(ms, lr=0.01),
+]
+
+
+@device
+@pytest.mark.parametrize("make_opt", OPTIMIZERS, ids=["sgd", "sgd-nesterov", "adam", "adamw"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_optimizer_steps_match_cpu(make_opt, dtype):
+    cpu = make_model(2, 3, dtype=dtype, sparse=(True, False, False))
+    dev = copy.deepcopy(cpu).to("cuda")
+    o0, o1 = make_opt(cpu), make_opt(dev)
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        x = rng.standard_normal((2, 1, 2)).astype(dtype)
+        for m, o in ((cpu, o0), (dev, o1)):
+            o.zero_grad()
+            y, _ = m.forward(x, training=True)
+            m.backward(np.ones(y.shape, dtype))
+            norm = optim.clip_grad_norm(m, 0.5)
+            if m is cpu:
+                n0 = norm
+            else:
+                assert norm == pytest.approx(n0, rel=1e-5)
+            o.step()
+    assert all(D.is_device_array(a) for st_ in o1.state.values() for a in st_.values())
+    p1 = dev.parameters()
+    for name, p in cpu.parameters().items():
+        assert D.is_device_array(p1[name])
+        np.testing.assert_allclose(host(p1[name]), p, err_msg=name,
+                                   rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                   atol=1e-6 if dtype == np.float32 else 1e-13)
+
+
+@device
+def test_optimizer_state_follows_the_model_between_devices():
+    ref = make_model(2, 3, sparse=(True, False, False))
+    m = copy.deepcopy(ref)
+    o_ref, o = optim.Adam(ref, lr=0.01), optim.Adam(m, lr=0.01)
+    x = np.random.default_rng(3).standard_normal((2, 1, 2))
+    for where in ("cpu", "cuda", "cpu"):
+        m.to(where)
+        for model, opt in ((ref, o_ref), (m, o)):
+            opt.zero_grad()
+            y, _ = model.forward(x, training=True)
+            model.backward(np.ones(y.shape))
+            opt.step()
+        assert D.is_device_array(o.state[(0, "weight_hh_l0")]["v"]) == (where == "cuda")
+    for name, p in ref.parameters().items():
+        np.testing.assert_allclose(m.parameters()[name], p, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------
+# Moving, and what moves with the model
+# ----------------------------------------------------------------------------
+
+@device
+def test_round_trip_preserves_weights_exactly():
+    m = make_model(3, 4, L=2, D2=True, P=2, dtype=np.float32, sparse=(True, False, True))
+    before = m.state_dict()
+    assert m.to("cuda") is m and m.device == "cuda"
+    m.to("cuda")  # a no-op
+    assert m.to("cpu") is m and m.device == "cpu"
+    after = m.state_dict()
+    for name, w in before.items():
+        if sp.issparse(w):
+            assert type(after[name]) is type(w)
+            np.testing.assert_array_equal(after[name].indices, w.indices)
+            np.testing.assert_array_equal(after[name].indptr, w.indptr)
+            np.testing.assert_array_equal(after[name].data, w.data)
+        else:
+            np.testing.assert_array_equal(after[name], w)
+            assert after[name].dtype == w.dtype
+
+
+@device
+def test_compact_indices_run_on_the_device():
+    cpu = make_model(3, 4, dtype=np.float32, sparse=(True, True, False))
+    quantize.quantize(cpu, None, "uint16")  # float values, uint16 patterns: trainable
+    assert {w.index_type for w in cpu._weights().values()} == {"uint16"}
+    dev = copy.deepcopy(cpu).to("cuda")
+    x = np.random.default_rng(0).standard_normal((2, 2, 3)).astype(np.float32)
+    y0, _ = cpu.forward(x, training=True)
+    y1, _ = dev.forward(x, training=True)
+    assert_close(y1, y0, np.float32, "y")
+    dx0, _ = cpu.backward(np.ones(y0.shape, np.float32))
+    dx1, _ = dev.backward(np.ones(y0.shape, np.float32))
+    assert_close(dx1, dx0, np.float32, "dx")
+    dev.to("cpu")
+    assert {w.index_type for w in dev._weights().values()} == {"uint16"}
+
+
+@device
+def test_trained_values_and_grads_come_back():
+    m = make_model(2, 3, sparse=(True, True, False)).to("cuda")
+    x = np.ones((2, 1, 2))
+    y, _ = m.forward(x, training=True)
+    m.backward(np.ones(y.shape))
+    optim.SGD(m, lr=0.5).step()
+    params = {n: host(p) for n, p in m.parameters().items()}
+    grads = {n: host(g) for n, g in m.grad_arrays().items()}
+    sd = m.state_dict()  # brings the host copies up to date, still on the device
+    assert m.device == "cuda"
+    assert isinstance(sd["weight_hh_l0"], sp.csr_array)
+    np.testing.assert_array_equal(sd["weight_hh_l0"].data, params["weight_hh_l0"])
+    m.to("cpu")
+    for n, p in m.parameters().items():
+        np.testing.assert_array_equal(p, params[n])
+        np.testing.assert_array_equal(m.grad_arrays()[n], grads[n])
+    np.testing.assert_array_equal(m.grad["weight_ih_l0"].data, grads["weight_ih_l0"])
+    m.zero_grad()
+
+
+@device
+def test_pickle_of_a_device_model_is_a_cpu_model_with_current_values():
+    m = make_model(2, 3).to("cuda")
+    y, _ = m.forward(np.ones((1, 1, 2)), training=True)
+    m.backward(np.ones(y.shape))
+    optim.SGD(m, lr=1.0).step()
+    want = host(m.parameters()["weight_ih_l0"])
+    back = pickle.loads(pickle.dumps(m))
+    assert back.device == "cpu" and m.device == "cuda"
+    np.testing.assert_array_equal(back.parameters()["weight_ih_l0"], want)
+
+
+@device
+def test_save_of_a_device_model_writes_current_values(tmp_path):
+    m = make_model(2, 3, sparse=(True, False, False)).to("cuda")
+    y, _ = m.forward(np.ones((1, 1, 2)), training=True)
+    m.backward(np.ones(y.shape))
+    optim.SGD(m, lr=1.0).step()
+    want = {n: host(p) for n, p in m.parameters().items()}
+    numlstm.save(m, tmp_path / "m.npz")
+    back = numlstm.load(tmp_path / "m.npz")
+    assert m.device == "cuda" and back.device == "cpu"
+    for n, p in back.parameters().items():
+        np.testing.assert_array_equal(p, want[n])
+
+
+@device
+def test_prune_on_the_device_round_trips():
+    """Pruning reads the current device values (through the host) and the next
+    device call uploads the pruned weights."""
+    cpu = make_model(3, 4, seed=2)
+    dev = copy.deepcopy(cpu).to("cuda")
+    prune.magnitude(cpu, 0.5)
+    prune.magnitude(dev, 0.5)
+    assert dev.device == "cuda"
+    x = np.random.default_rng(0).standard_normal((2, 2, 3))
+    y0, _ = cpu(x)
+    y1, _ = dev(x, to_host=True)
+    np.testing.assert_allclose(y1, y0, **TOL[np.float64])
+    assert dev.sparsity()["overall"] == pytest.approx(cpu.sparsity()["overall"])
+
+
+@device
+def test_pruning_mid_training_with_remapped_optimizer_state():
+    """Train, prune (positions remap Adam's device state), train on: as on the CPU."""
+    cpu = make_model(2, 3, seed=4)
+    dev = copy.deepcopy(cpu).to("cuda")
+    runs = [(cpu, optim.Adam(cpu, lr=0.01)), (dev, optim.Adam(dev, lr=0.01))]
+    x = np.random.default_rng(1).standard_normal((2, 1, 2))
+    for phase in range(2):
+        for m, o in runs:
+            o.zero_grad()
+            y, _ = m.forward(x, training=True)
+            m.backward(np.ones(y.shape))
+            o.step()
+            if phase == 0:
+                o.remap(prune.magnitude(m, 0.5))
+    assert D.is_device_array(runs[1][1].state[(0, "weight_ih_l0")]["m"])
+    for name, p in cpu.parameters().items():
+        np.testing.assert_allclose(host(dev.parameters()[name]), p, err_msg=name,
+                                   rtol=1e-9, atol=1e-12)
+
+
+@device
+def test_quantized_weights_are_refused_clearly():
+    m = make_model(2, 4, dtype=np.float32, sparse=(True, True, False))
+    quantize.quantize(m, "int8")
+    with pytest.raises(TypeError, match=r"weight_ih_l0 .*int8.*device"):
+        m.to("cuda")
+    assert m.device == "cpu"
+    # quantized in place while on the device: the next device call says so
+    m = make_model(2, 4, dtype=np.float32, sparse=(True, True, False)).to("cuda")
+    quantize.quantize(m, "float16")
+    with pytest.raises(TypeError, match="quantized"):
+        m(np.ones((1, 1, 2), np.float32))
+    m.to("cpu")  # and the model can go back to the CPU, quantized
+    assert m(np.ones((1, 1, 2), np.float32))[0].shape == (1, 1, 4)
+
+
+@device
+def test_unsupported_and_bad_calls():
+    m = make_model(2, 3)
+    with pytest.raises(ValueError, match=r"device must be one of \('cpu', 'cuda'\), got 'tpu'"):
+        m.to("tpu")
+    m.to("cuda")
+    x = np.ones((2, 1, 2))
+    with pytest.raises(NotImplementedError, match="checkpoint"):
+        m.forward(x, training=True, checkpoint=1)
+    with pytest.raises(NotImplementedError, match="memory_budget"):
+        m.forward(x, training=True, memory_budget=10**6)
+    with pytest.raises(RuntimeError, match="preceding forward"):
+        m.backward(np.ones((2, 1, 3)))
+    y, _ = m.forward(x, training=True)
+    m.backward(np.ones(y.shape))
+    with pytest.raises(RuntimeError, match="already called"):
+        m.backward(np.ones(y.shape))
+
+
+# ----------------------------------------------------------------------------
+# Inputs: device arrays used in place, mismatches refused clearly
+# ----------------------------------------------------------------------------
+
+class Foreign:
+    """A third-party array exposing only ``__cuda_array_interface__`` (as CuPy
+    and torch do). Under the simulator device memory is host memory, so it
+    describes a NumPy array's buffer."""
+
+    def __init__(self, device_array):
+        self.keep = device_array
+        if SIM:
+            a = device_array._ary
+            self.__cuda_array_interface__ = {
+                "shape": a.shape, "strides": None, "typestr": a.dtype.str,
+                "data": (a.__array_interface__["data"][0], False), "version": 3}
+        else:
+            self.__cuda_array_interface__ = device_array.__cuda_array_interface__
+
+
+@device
+@pytest.mark.parametrize("wrap", [lambda a: a, Foreign], ids=["numba", "interface"])
+def test_device_inputs_are_used_without_a_copy(wrap, monkeypatch):
+    cpu = make_model(3, 4, sparse=(True, False, False))
+    dev = copy.deepcopy(cpu).to("cuda")
+    x = np.random.default_rng(0).standard_normal((2, 2, 3))
+    xd = cuda.to_device(x)
+    seen = []
+    matmul = D._KC.matmul
+
+    def spy(out, xin, *args, **kw):
+        seen.append(ptr(xin))
+        return matmul(out, xin, *args, **kw)
+
+    monkeypatch.setattr(D._KC, "matmul", spy)
+    uploads = []
+    to_device = cuda.to_device
+    monkeypatch.setattr(cuda, "to_device", lambda *a, **k: uploads.append(a) or to_device(*a, **k))
+    y, _ = dev(wrap(xd))
+    assert seen[0] == ptr(xd)  # layer 0's input product read the caller's memory
+    assert not uploads
+    assert_close(y, cpu(x)[0], np.float64, "y")
+
+
+@device
+def test_mismatching_device_inputs_are_refused_clearly():
+    dev = make_model(3, 4, dtype=np.float32).to("cuda")
+    x32 = np.ones((2, 1, 3), np.float32)
+    with pytest.raises(TypeError, match=r"x must have dtype float32 .* got float64"):
+        dev(cuda.to_device(x32.astype(np.float64)))
+    with pytest.raises(ValueError, match=r"x must have shape \(T, B, 3\) .* got \(2, 1, 4\)"):
+        dev(cuda.to_device(np.ones((2, 1, 4), np.float32)))
+    wide = cuda.to_device(np.ones((2, 1, 6), np.float32))
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        dev(wide[:, :, ::2])
+    h = cuda.to_device(np.zeros((1, 1, 4), np.float32))
+    with pytest.raises(ValueError, match=r"state\[1\] \(c\) must have shape \(1, 1, 4\), "
+                                         r"got \(1, 2, 4\)"):
+        dev(x32, (h, cuda.to_device(np.zeros((1, 2, 4), np.float32))))
+    with pytest.raises(TypeError, match=r"state\[1\] \(c\) must be a device array"):
+        dev(x32, (h, np.zeros((1, 1, 4), np.float32)))
+    with pytest.raises(ValueError, match=r"x must have shape"):  # host input: the CPU's checks
+        dev(np.ones((2, 1, 5), np.float32))
+    y, _ = dev.forward(x32, training=True)
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 1, 4\), got \(2, 1, 3\)"):
+        dev.backward(cuda.to_device(np.ones((2, 1, 3), np.float32)))
+    s = dev.stream()
+    with pytest.raises(TypeError, match=r"x_t must have dtype float32"):
+        s.step(cuda.to_device(np.ones((1, 3))))
+
+
+@device
+def test_cpu_model_refuses_device_arrays():
+    m = make_model(3, 4)
+    xd = cuda.to_device(np.ones((2, 1, 3)))
+    with pytest.raises(TypeError, match=r"x is a CUDA device array .* model.to\('cuda'\)"):
+        m(xd)
+    with pytest.raises(TypeError, match=r"x is a CUDA device array"):
+        m(Foreign(xd))
+    with pytest.raises(TypeError, match=r"state\[0\] is a CUDA device array"):
+        m(np.ones((2, 1, 3)), (cuda.to_device(np.zeros((1, 1, 4))), np.zeros((1, 1, 4))))
+    y, _ = m.forward(np.ones((2, 1, 3)), training=True)
+    with pytest.raises(TypeError, match=r"dy is a CUDA device array"):
+        m.backward(cuda.to_device(np.ones(y.shape)))
+
+
+# ----------------------------------------------------------------------------
+# Workspaces: allocated once
+# ----------------------------------------------------------------------------
+
+@device
+def test_workspaces_are_allocated_once(monkeypatch):
+    m = make_model(2, 3, L=2, D2=True, P=2, sparse=(True, True, True), dropout=0.5).to("cuda")
+    x = np.ones((3, 2, 2))
+    lengths = np.array([3, 2])
+    made = []
+    for name in ("device_array", "to_device", "device_array_like"):
+        real = getattr(cuda, name)
+        monkeypatch.setattr(cuda, name, lambda *a, _r=real, _n=name, **k:
+                            made.append(_n) or _r(*a, **k))
+
+    def one_step():
+        y, _ = m.forward(x, lengths=lengths, training=True)
+        m.backward(np.ones(y.shape))
+        m.forward(x, lengths=lengths)
+        s.step(x[0])
+
+    s = make_model(2, 3, L=2, P=2, sparse=(True, True, True)).to("cuda").stream(2)
+    one_step()  # first call: workspaces, transposed patterns
+    first = len(made)
+    made.clear()
+    one_step()
+    # only the arrays returned: y, h_n, c_n (x2) and dx, dh0, dc0
+    assert len(made) == 9, made
+    assert first > len(made)
+    made.clear()
+    m.forward(x[:2], lengths=np.array([2, 1]))  # a smaller shape fits the workspace
+    assert len(made) == 3, made
+
+
+# ----------------------------------------------------------------------------
+# The device glue and optimizer kernels compile for real GPUs
+# ----------------------------------------------------------------------------
+
+def _ptx_reason():
+    import numba
+
+    if numba.config.ENABLE_CUDASIM:
+        return "PTX compilation needs the real CUDA target; unset NUMBA_ENABLE_CUDASIM"
+    try:
+        from numba import cuda
+
+        @cuda.jit
+        def probe(a):
+            a[0] = 1.0
+
+        cuda.compile_ptx(probe.py_func, (numba.float32[::1],), cc=(8, 0))
+    except Exception as e:  # noqa: BLE001 - any missing piece of the toolchain
+        return f"numba-cuda with NVVM/NVRTC is not usable here: {e!r}"
+    return None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_glue_and_optimizer_kernels_compile_to_ptx(dtype, monkeypatch):
+    """Every kernel of numlstm.kernels.cuda_optim compiles for sm_80 with no GPU
+    (NVVM), and a float32 update computes in float32 (no f64 instruction)."""
+    reason = _ptx_reason()
+    if reason:
+        pytest.skip(reason)
+    import types
+
+    import numba
+    import numba.cuda.dispatcher as cuda_dispatcher
+    from numba import boolean, cuda, float64, int64
+
+    from numlstm.kernels import cuda_optim as K
+
+    monkeypatch.setattr(cuda_dispatcher, "get_current_device",
+                        lambda: types.SimpleNamespace(compute_capability=(8, 0)))
+    ft = getattr(numba, dtype)
+    A1, A2, A3, I1 = ft[::1], ft[:, ::1], ft[:, :, ::1], int64[::1]
+    sigs = {"_fill": (A1, ft), "_add": (A1, A1), "_mul": (A1, A1), "_scale": (A1, ft),
+            "_put_cols": (A3, A3, I1, int64), "_take_cols": (A3, A3, int64),
+            "_swap01": (A3, A3), "_gather1d": (A1, A1, I1), "_bias_grad_acc": (A1, A1, A2, ft),
+            "_sgd": (A1, A1, A1, ft, ft, ft, boolean, boolean),
+            "_adam": (A1, A1, A1, A1) + (ft,) * 9, "_sumsq": (float64[::1], A1)}
+    for name, sig in sigs.items():
+        ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, sig, cc=(8, 0))
+        if dtype == "float32" and name in ("_sgd", "_adam", "_add", "_scale"):
+            assert ".f64" not in ptx, f"{name} computes in float64"
