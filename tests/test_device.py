@@ -691,3 +691,18 @@ def test_glue_and_optimizer_kernels_compile_to_ptx(dtype, monkeypatch):
         ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, sig, cc=(8, 0))
         if dtype == "float32" and name in ("_sgd", "_adam", "_add", "_scale"):
             assert ".f64" not in ptx, f"{name} computes in float64"
+
+
+@device
+def test_readme_gpu_block_runs(tmp_path, monkeypatch):
+    """The README's GPU example (its ```python gpu block, which
+    tests/test_readme.py leaves out) runs as written."""
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python gpu\n(.*?)```", readme.read_text(), flags=re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], str(readme), "exec"), {})
+    assert numlstm.load(tmp_path / "model.npz").device == "cpu"
