@@ -56,7 +56,7 @@ neither needs nor loads CUDA.
 import numpy as np
 
 from numlstm import weights as W
-from numlstm.stream import Stream
+from numlstm.stream import Stream, check_stream_args
 from numlstm.workspace import plan_layout
 
 _cuda = None  # numba.cuda
@@ -754,14 +754,8 @@ class DeviceStream(Stream):
     """
 
     def __init__(self, model, batch_size=1, state=None):  # noqa: D107 - Stream's
-        if model.bidirectional:
-            raise ValueError("a bidirectional model cannot stream: its reverse direction "
-                             "needs the whole sequence; use forward() instead")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
-        self.batch_size = B = int(batch_size)
+        self.batch_size = B = check_stream_args(model, batch_size)
         L, H, O, P = model.num_layers, model.hidden_size, model.output_size, model.proj_size
         self._ws = _DeviceWorkspace(model.dtype)
         v = self._ws.carve([("h", (L, B, O)), ("c", (L, B, H)), ("gates", (3, B, 4 * H)),

@@ -12,6 +12,18 @@ from numlstm.kernels import cpu as K
 from numlstm.workspace import Workspace
 
 
+def check_stream_args(model, batch_size):
+    """The batch size a stream of ``model`` gets, as an int; ValueError for a
+    bidirectional model or a batch size that is not a positive int."""
+    if model.bidirectional:
+        raise ValueError("a bidirectional model cannot stream: its reverse direction "
+                         "needs the whole sequence; use forward() instead")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return int(batch_size)
+
+
 class Stream:
     """Advance an LSTM one time step per call, carrying its state.
 
@@ -38,14 +50,8 @@ class Stream:
         return super().__new__(cls)
 
     def __init__(self, model, batch_size=1, state=None):
-        if model.bidirectional:
-            raise ValueError("a bidirectional model cannot stream: its reverse direction "
-                             "needs the whole sequence; use forward() instead")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
-        self.batch_size = B = int(batch_size)
+        self.batch_size = B = check_stream_args(model, batch_size)
         L, H, O, P = model.num_layers, model.hidden_size, model.output_size, model.proj_size
         self._ws = Workspace(model.dtype)
         v = self._ws.carve([("h", (L, B, O)),  # state h_t of every layer
