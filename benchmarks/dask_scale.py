@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-from benchmarks.first import REPO, _stats, machine_info, machine_markdown, write_results
+from benchmarks.common import REPO, machine_info, machine_markdown, write_results
+from benchmarks.common import stats as _stats
 
 NAME = "dask_scale"
 FULL = {"B": 256, "T": 200, "I": 64, "H": 128, "repeats": 5}

@@ -24,17 +24,19 @@ the torch rows are skipped and the report says so.
 """
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
+
+from benchmarks.common import REPO, machine_info, machine_markdown, run_worker, write_results
+from benchmarks.common import peak_rss_mib as _peak_rss_mib
+from benchmarks.common import stats as _stats
+from benchmarks.common import time_repeats as _time_repeats
 
 NAME = "first"
 I, H = 64, 256
@@ -44,7 +46,6 @@ FULL = {"T": 1000, "repeats": 7, "warmup": 2}
 QUICK = {"T": 50, "repeats": 3, "warmup": 1}
 CASES = ("numlstm-dense", "numlstm-csr", "torch")
 PEER = {"stream": "torch.nn.LSTMCell step by step", "sequence": "torch.nn.LSTM whole sequence"}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------
@@ -81,17 +82,6 @@ def _weights(data, pruned):
 # ----------------------------------------------------------------------------
 # Workers (run in their own process)
 # ----------------------------------------------------------------------------
-
-def _time_repeats(fn, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
 
 def _worker_numlstm(data, sparse, repeats, warmup):
     import scipy.sparse as sp
@@ -213,69 +203,9 @@ def worker_main(argv=None):
     print(json.dumps(res))
 
 
-def _peak_rss_mib():
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 # ----------------------------------------------------------------------------
 # Parent: run the workers, compare, report
 # ----------------------------------------------------------------------------
-
-def _stats(values):
-    return {"median": float(np.median(values)), "min": float(np.min(values)),
-            "max": float(np.max(values)), "all": [float(v) for v in values]}
-
-
-def _version(dist):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                      "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-           if k in os.environ}
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "versions": {d: _version(d) for d in ("numlstm", "numpy", "scipy", "numba",
-                                                 "llvmlite", "torch")},
-            "thread_env": env,
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg")
-            else None}
-
-
-def run_worker(module, args, timeout, label):
-    """Run ``python -m <module> <args>`` in a fresh process from the repository
-    root and return the JSON object its last stdout line holds."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", module, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {label} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def _run_worker(case, data_path, out_path, cfg, timeout):
     return run_worker("benchmarks.first",
@@ -348,38 +278,6 @@ def _compare(result, outs):
             k: float(np.max(np.abs(mine[k] - theirs[pre + k]))) for k in ("stream", "sequence")}
 
 
-def write_results(name, result, out_dir, markdown, draw=None):
-    """Note the load average at the end, write ``<name>.json`` and ``<name>.md``
-    to ``out_dir`` atomically, and ``<name>.png`` with ``draw(result, ax)`` when
-    given and matplotlib is importable; return the paths written."""
-    if hasattr(os, "getloadavg"):
-        result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md")]
-    _write_atomic(paths[0], json.dumps(result, indent=2) + "\n")
-    _write_atomic(paths[1], markdown(result))
-    if draw is not None and importlib.util.find_spec("matplotlib") is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        draw(result, ax)
-        ax.legend()
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, f"{name}.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
-
-
-def _write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _fmt(s):
     return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
 
@@ -426,23 +324,6 @@ def markdown(result):
     numba_threads = result["cases"].get("numlstm-dense", {}).get("numba_threads", "?")
     lines += machine_markdown(m, f"torch.set_num_threads(2); numba threads {numba_threads}")
     return "\n".join(lines) + "\n"
-
-
-def machine_markdown(m, threads):
-    """The "## Machine" section of a report, from ``machine_info()`` (plus the
-    ``load_average_at_end`` a run adds); ``threads`` states the thread settings."""
-    lines = ["## Machine", "",
-             f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores "
-             f"({m['usable_cores']} usable)",
-             f"- {m['platform']}, Python {m['python']}",
-             "- " + ", ".join(f"{k} {val}" for k, val in m["versions"].items() if val),
-             f"- thread settings: {threads}; environment {m['thread_env'] or 'none set'}"]
-    if m["load_average_at_start"]:
-        lines.append("- load average (1, 5, 15 min) at start: "
-                     + ", ".join(f"{x:.2f}" for x in m["load_average_at_start"])
-                     + "; at end: "
-                     + ", ".join(f"{x:.2f}" for x in m.get("load_average_at_end") or []))
-    return lines
 
 
 def _draw(result, ax):

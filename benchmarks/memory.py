@@ -40,7 +40,8 @@ import time
 
 import numpy as np
 
-from benchmarks.first import REPO, _stats, machine_info, machine_markdown, run_worker, write_results
+from benchmarks.common import REPO, machine_info, machine_markdown, run_worker, write_results
+from benchmarks.common import stats as _stats
 
 NAME = "memory"
 B, I, H = 16, 64, 256

@@ -20,7 +20,7 @@ import tracemalloc
 
 import numpy as np
 
-from benchmarks.first import machine_info, machine_markdown, write_results
+from benchmarks.common import machine_info, machine_markdown, write_results
 from numlstm import demo, prune
 from numlstm.lstm import LSTM
 from numlstm.quantize import quantize

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from benchmarks.first import REPO, machine_info, machine_markdown, run_worker, write_results
+from benchmarks.common import REPO, machine_info, machine_markdown, run_worker, write_results
 from benchmarks.memory import MIB, _maxrss_kib, _reset_peak, _rss_kib
 
 NAME = "soak"

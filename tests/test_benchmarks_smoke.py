@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,10 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One ``python -m benchmarks --quick`` run of every benchmark; its output folder."""
+    """One ``python -m benchmarks --quick`` run of every benchmark (the suite
+    included); its output folder."""
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -118,3 +120,164 @@ def test_quick_soak_benchmark_writes_expected_entries(quick_run):
     assert stream["nonfinite_checks"] == 0 and 0 < stream["max_abs_h"] <= 1
     assert train["nonfinite_losses"] == 0 and train["nonfinite_params"] == 0
     assert stream["us_per_step"] > 0 and train["ms_per_iteration"] > 0
+
+
+# ----------------------------------------------------------------------------
+# The suite (issue 6): every case, every system row, agreement, no timings
+# ----------------------------------------------------------------------------
+
+def _have(*modules):
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _check_stats(s, n, where):
+    assert len(s["all"]) == n, where
+    assert 0 < s["min"] <= s["median"] <= s["max"], where
+    assert all(math.isfinite(v) for v in s["all"]), where
+
+
+@pytest.fixture(scope="module")
+def suite(quick_run):
+    with open(quick_run / "suite.json") as f:
+        res = json.load(f)
+    return res, (quick_run / "suite.md").read_text(), quick_run
+
+
+def _expected_peers(case):
+    from benchmarks.suite.config import PEERS
+
+    has_torch, has_ort = _have("torch"), _have("torch", "onnx", "onnxruntime")
+    peers = {p for p in PEERS[case] if p != "scipy"}
+    if not has_torch:
+        peers -= {"torch-cell", "torch-lstm"}
+    if not has_ort:
+        peers.discard("ort")
+    return peers
+
+
+def test_quick_suite_runs_every_case(suite):
+    from benchmarks.suite.config import CASES, TARGETS
+
+    res, md, out = suite
+    assert res["quick"] is True and res["cases_run"] == list(CASES)
+    assert set(res["cases"]) == set(CASES)
+    assert md.startswith("# Benchmark `suite`") and "## Targets" in md
+    assert "## Machine limits" in md and "## Machine" in md
+    for letter, title in CASES.items():
+        assert f"## {letter}. {title}" in md, letter
+    lim = res["limits"]
+    assert lim["gemm_gflops"]["best"] > 0 and lim["bandwidth_gbs"]["best"] > 0
+    assert len(res["targets"]) == len(TARGETS) + 1  # + f's cold start
+    for t in res["targets"]:
+        assert t["met"] in (True, False, None)
+        if t["case"] in ("a", "c") and _have("torch") or t["case"] == "f":
+            assert t["met"] is not None, t  # measured whenever the peer is present
+    if _have("matplotlib"):
+        assert (out / "suite_g_hidden.png").stat().st_size > 0
+        assert (out / "suite_g_sparsity.png").stat().st_size > 0
+
+
+def _check_timing_table(case, table, peers, repeats, variants, md, diff_bound=1e-4):
+    from benchmarks.suite.config import LABELS, SCIPY_PEER
+
+    rows = table["rows"]
+    scipy = {SCIPY_PEER[v] for v in variants if v in SCIPY_PEER}
+    assert set(rows) == set(variants) | peers | (scipy if case in "ab" else set()), set(rows)
+    for key, r in rows.items():
+        _check_stats(r["stats"], repeats if key != "reference" else len(r["stats"]["all"]),
+                     (case, key))
+        assert r["floor"] > 0 and r["to_floor"] > 0, (case, key)
+        assert f"| {r['label']}" in md, (case, key)
+        assert r["label"].startswith(LABELS[key]), (case, key)
+    comps = {(c["system"], c["peer"]): c for c in table["comparisons"]}
+    for v in variants:
+        expected = peers | ({SCIPY_PEER[v]} if v in SCIPY_PEER and case in "ab" else set())
+        assert {p for s, p in comps if s == v} == expected, (case, v)
+        for p in expected:
+            c = comps[(v, p)]
+            assert math.isfinite(c["speedup"]) and c["speedup"] > 0, (case, v, p)
+            assert 0 <= c["max_abs_diff"] < diff_bound, (case, v, p, c)
+            if "grad_rel_diff" in c:
+                assert 0 <= c["grad_rel_diff"] < 1e-3, (case, v, p, c)
+
+
+def test_quick_suite_inference_cases(suite):
+    from benchmarks.suite.config import VARIANTS
+
+    res, md, _ = suite
+    a = res["cases"]["a"]
+    _check_timing_table("a", a["tables"]["stream"], _expected_peers("a"),
+                        a["config"]["repeats"], list(VARIANTS), md)
+    b = res["cases"]["b"]
+    assert set(b["tables"]) == {"B=1", "B=16"}
+    for table in b["tables"].values():
+        _check_timing_table("b", table, _expected_peers("b"), b["config"]["repeats"],
+                            list(VARIANTS), md)
+    for case in (a, b):  # every absent peer is said so
+        for p in ("torch-cell", "torch-lstm", "ort"):
+            if p not in case["tables"][next(iter(case["tables"]))]["rows"]:
+                assert p in case["skipped"], p
+
+
+def test_quick_suite_training_cases(suite):
+    from benchmarks.suite.config import TRAINABLE, VARIANTS
+
+    res, md, _ = suite
+    c = res["cases"]["c"]
+    _check_timing_table("c", c["tables"]["train"], _expected_peers("c"), c["config"]["repeats"],
+                        list(TRAINABLE), md)
+    for v in set(VARIANTS) - set(TRAINABLE):
+        assert "inference" in c["skipped"][v]
+    d = res["cases"]["d"]
+    assert set(d["train"]) == {str(T) for T in d["config"]["T"]}
+    for T, row in d["train"].items():
+        assert {"numlstm", "numlstm-ckpt"} <= set(row), T
+        for system, e in row.items():
+            # > 0: the suite's parent must not hide the step (a child's
+            # ru_maxrss starts at its parent's peak)
+            assert e["peak_increase_mib"] > 0 and e["step_s"]["median"] > 0, (T, system)
+            assert e["memory_floor_mib"] > 0 and e["time_floor_s"] > 0, (T, system)
+            if system != "torch" and "torch" in row:
+                assert e["grad_rel_diff_to_torch"] < 1e-3, (T, system)
+
+
+def test_quick_suite_bytes_cold_start_and_scaling(suite):
+    from benchmarks.suite.config import VARIANTS
+
+    res, md, _ = suite
+    e = res["cases"]["e"]["rows"]
+    assert set(e) == set(VARIANTS)
+    sizes = [e[v]["weight_bytes"] for v in ("dense", "csr90", "csr90-u16", "csr90-f16",
+                                            "csr90-i8")]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 5
+    assert e["bsr90"]["weight_bytes"] < e["csr90"]["weight_bytes"]
+    assert all(r["values_bytes"] <= r["weight_bytes"] for r in e.values())
+
+    f = res["cases"]["f"]
+    rows = f["tables"]["cold"]["rows"]
+    assert {"dense", "csr90", "dense (empty cache)"} <= set(rows)
+    for key, r in rows.items():
+        _check_stats(r["stats"], len(r["stats"]["all"]), key)
+        assert r["to_floor"] > 0 and r["import_s"] > 0, key
+    for c in f["tables"]["cold"]["comparisons"]:
+        assert c["speedup"] > 0 and c["max_abs_diff"] < 1e-5, c
+    if _have("torch"):
+        assert "torch-cell" in rows
+
+    g = res["cases"]["g"]
+    cfg = g["config"]
+    expected = {"numlstm-dense", "numlstm-csr", "numlstm-bsr", "scipy-csr", "scipy-bsr"}
+    expected |= {"torch-cell"} if _have("torch") else set()
+    assert set(g["points"]) == expected
+    csr = g["points"]["numlstm-csr"]
+    assert {f"H={H},s=0.9" for H in cfg["H"]} <= set(csr)
+    assert {f"H={cfg['sparsity_H']},s={s:g}" for s in cfg["sparsity"]} <= set(csr)
+    for system, pts in g["points"].items():
+        for key, p in pts.items():
+            _check_stats(p["stats"], cfg["repeats"], (system, key))
+    agreed = [c for c in g["comparisons"] if "max_abs_diff" in c]
+    assert {(c["system"], c["peer"]) for c in agreed} >= {("numlstm-csr", "scipy-csr"),
+                                                          ("numlstm-bsr", "scipy-bsr")}
+    assert all(c["max_abs_diff"] < 1e-4 for c in agreed), agreed
+    assert set(g["crossover"]) == {"numlstm-csr", "numlstm-bsr"}
+    assert "**As H grows**" in md and "**As sparsity grows**" in md
