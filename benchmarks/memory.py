@@ -6,8 +6,8 @@ Training case: float32, B=16, I=64, H=256, T in {100, 1000, 10000}
 library, warms it up on a tiny input (numba compilation or cache load,
 torch's first call), allocates x (T, B, I) and dy (T, B, H), resets the
 process's peak-RSS mark (``/proc/self/clear_refs``) and then runs one
-forward + backward. The figure is the increase of
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` over its value just before the
+forward + backward. The figure is the increase of the peak RSS (VmHWM in
+/proc/self/status, else ``ru_maxrss``) over its value just before the
 step: the memory of the training step itself (tape, outputs, gradients), not
 of the interpreter, the libraries or the data. Its time is the median of
 further repeats of the same step. Systems:
@@ -55,7 +55,7 @@ STREAM_SYSTEMS = ("numlstm", "torch")
 TARGETS = {"ckpt_memory_to_torch": 0.1, "ckpt_time_to_full_tape": 1.35,
            "stream_growth_mib": 1.0}
 TARGET_T = 10000  # the T at which the issue states the checkpoint targets
-MIB = 1024.0  # ru_maxrss and VmRSS are in KiB on Linux
+MIB = 1024.0  # VmHWM, VmRSS and ru_maxrss are in KiB on Linux
 
 
 # ----------------------------------------------------------------------------
@@ -63,15 +63,25 @@ MIB = 1024.0  # ru_maxrss and VmRSS are in KiB on Linux
 # ----------------------------------------------------------------------------
 
 def _maxrss_kib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size (VmHWM, which ``clear_refs`` resets), KiB.
+
+    Not ``ru_maxrss`` where /proc exists: Linux starts a worker's ru_maxrss at
+    its parent's peak and ``clear_refs`` does not lower it, so a worker of a
+    large parent measured +0.0 MiB."""
+    return _status_kib("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _rss_kib():
     """Current resident set size (VmRSS), or None where /proc is absent."""
+    return _status_kib("VmRSS:")
+
+
+def _status_kib(field):
+    """A KiB field of /proc/self/status, or None where /proc is absent."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -415,7 +425,7 @@ def markdown(result):
              + (" (quick smoke run)" if result["quick"] else ""), "",
              "## Training: one forward + backward", "",
              f"{c['dtype']}, B={c['B']}, I={c['I']}, H={c['H']}, one layer. **Peak increase** = "
-             "rise of `ru_maxrss` during one forward + backward in a fresh process, after "
+             "rise of the peak RSS (VmHWM) during one forward + backward in a fresh process, after "
              "imports, kernel warm-up on a tiny input and allocation of x and dy (the peak "
              "mark reset to the current RSS just before the step): the step's own memory "
              "(tape, output y, dx, gradients). **Time** = median of "
