@@ -965,7 +965,9 @@ class LSTM:
         g = self._grad_buffers
         w_ih = self._weight("ih", l, d)
         self._weight_grad(g[f"weight_ih_l{l}{sfx}"], dz, x2d, w_ih, v)
-        self._weight_grad(g[f"weight_hh_l{l}{sfx}"], dz, h2d, self._weight("hh", l, d), v)
+        # A sparse W_ih left dz^T in the workspace: W_hh's SDDMM reuses it.
+        self._weight_grad(g[f"weight_hh_l{l}{sfx}"], dz, h2d, self._weight("hh", l, d), v,
+                          dz_ready=not isinstance(w_ih, W.Dense))
         if self.proj_size:
             self._weight_grad(g[f"weight_hr_l{l}{sfx}"], dhs.reshape(rows, -1),
                               rs.reshape(rows, -1), self._weight("hr", l, d), v)
@@ -992,8 +994,10 @@ class LSTM:
             dxg += dxd
             dx2d[index] = dxg
 
-    def _weight_grad(self, grad, dz, a, weight, v):
-        """grad += dz^T a on the weight's storage: dense (BLAS) or its CSR pattern."""
+    def _weight_grad(self, grad, dz, a, weight, v, dz_ready=False):
+        """grad += dz^T a on the weight's storage: dense (BLAS) or its sparse
+        pattern (SDDMM of dz^T and a^T, transposed into the workspace; with
+        ``dz_ready`` its dz_t view already holds this dz^T)."""
         R, C = weight.shape
         N = dz.shape[0]
         if isinstance(weight, W.Dense):
@@ -1003,7 +1007,8 @@ class LSTM:
         dz_t = _first(v["dz_t"], R * N).reshape(R, N)
         a_t = _first(v["a_t"], C * N).reshape(C, N)
         transpose = K.transpose_parallel if R * N >= config.PARALLEL_MIN_WORK else K.transpose
-        transpose(dz_t, np.ascontiguousarray(dz))
+        if not dz_ready:
+            transpose(dz_t, np.ascontiguousarray(dz))
         transpose(a_t, np.ascontiguousarray(a))
         _sddmm_acc(grad, dz_t, a_t, weight)
 
