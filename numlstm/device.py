@@ -56,7 +56,7 @@ neither needs nor loads CUDA.
 import numpy as np
 
 from numlstm import weights as W
-from numlstm.stream import Stream, check_stream_args
+from numlstm.stream import Stream
 from numlstm.workspace import plan_layout
 
 _cuda = None  # numba.cuda
@@ -753,19 +753,7 @@ class DeviceStream(Stream):
     ``to_host=True``. ``state`` returns device copies of (h, c).
     """
 
-    def __init__(self, model, batch_size=1, state=None):  # noqa: D107 - Stream's
-        self.model = model
-        self.batch_size = B = check_stream_args(model, batch_size)
-        L, H, O, P = model.num_layers, model.hidden_size, model.output_size, model.proj_size
-        self._ws = _DeviceWorkspace(model.dtype)
-        v = self._ws.carve([("h", (L, B, O)), ("c", (L, B, H)), ("gates", (3, B, 4 * H)),
-                            ("r", (B if P else 0, H)), ("x", (B, model.input_size))])
-        self._h, self._c = v["h"], v["c"]
-        self._h_layers = [v["h"][l] for l in range(L)]
-        self._c_layers = [v["c"][l] for l in range(L)]
-        self._gates, self._r, self._x = v["gates"], v["r"], v["x"]
-        self._bind()
-        self.reset(state)
+    _workspace_type = _DeviceWorkspace  # Stream.__init__ carves its buffers on the GPU
 
     def _bind(self):
         dm = self.model._device

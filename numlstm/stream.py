@@ -12,7 +12,7 @@ from numlstm.kernels import cpu as K
 from numlstm.workspace import Workspace
 
 
-def check_stream_args(model, batch_size):
+def _check_stream_args(model, batch_size):
     """The batch size a stream of ``model`` gets, as an int; ValueError for a
     bidirectional model or a batch size that is not a positive int."""
     if model.bidirectional:
@@ -49,11 +49,13 @@ class Stream:
             cls = DeviceStream
         return super().__new__(cls)
 
+    _workspace_type = Workspace  # DeviceStream's buffers live on the GPU
+
     def __init__(self, model, batch_size=1, state=None):
         self.model = model
-        self.batch_size = B = check_stream_args(model, batch_size)
+        self.batch_size = B = _check_stream_args(model, batch_size)
         L, H, O, P = model.num_layers, model.hidden_size, model.output_size, model.proj_size
-        self._ws = Workspace(model.dtype)
+        self._ws = self._workspace_type(model.dtype)
         v = self._ws.carve([("h", (L, B, O)),  # state h_t of every layer
                             ("c", (L, B, H)),  # state c_t of every layer
                             ("gates", (3, B, 4 * H)),  # activations | recurrent | new c
