@@ -22,6 +22,10 @@ into FMAs and sums lanes as a tree.
 
 Indices and indptr may be any integer type; they are validated non-negative
 where weights are made.
+
+Numba's on-disk cache keys a kernel on its own source file only: after
+editing this module, touch ``cpu.py`` (or delete its ``*.nbi``/``*.nbc``
+cache files) or the cached kernels keep the old code.
 """
 
 from llvmlite import ir
