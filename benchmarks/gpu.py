@@ -93,11 +93,10 @@ def run(quick=False, out_dir=None, log=print):
                              "max_abs_diff": float(np.abs(got - want).max())})
                 log(rows[-1])
             numlstm.device.PERSISTENT_FORWARD = False
-    result = {"name": NAME, "quick": quick, "config": {k: v for k, v in cfg.items()},
-              "machine": machine_info() | {"gpu": cuda.get_current_device().name.decode()
-                                           if isinstance(cuda.get_current_device().name, bytes)
-                                           else str(cuda.get_current_device().name)},
-              "rows": rows}
+    gpu = cuda.get_current_device().name
+    result = {"name": NAME, "quick": quick, "config": dict(cfg), "rows": rows,
+              "machine": machine_info() | {"gpu": gpu.decode() if isinstance(gpu, bytes)
+                                           else str(gpu)}}
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     result["files"] = write_results(NAME, result, out_dir, markdown)
