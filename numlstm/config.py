@@ -17,7 +17,8 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 FAST_FLOAT32_ACTIVATIONS = os.environ.get("NUMLSTM_EXACT_ACTIVATIONS", "") == ""
 
 # Numba's on-disk cache (``cache=True``): the first process compiles (a few
-# seconds per dtype), later processes load machine code from __pycache__.
+# seconds per dtype), later processes load machine code from the kernel cache,
+# a per-user folder (numlstm.kernels.cache), never the package's __pycache__.
 CACHE = os.environ.get("NUMLSTM_NO_CACHE", "") == ""
 
 # Per-step kernels (streaming, and the recurrences of forward and backward)

@@ -24,8 +24,10 @@ Indices and indptr may be any integer type; they are validated non-negative
 where weights are made.
 
 Numba's on-disk cache keys a kernel on its own source file only: after
-editing this module, touch ``cpu.py`` (or delete its ``*.nbi``/``*.nbc``
-cache files) or the cached kernels keep the old code.
+editing this module, delete the kernel cache (the folder
+``numlstm.kernels.cache.cache_root()`` names) or the cached kernels keep
+the old code; touching ``cpu.py`` is not enough on numba 0.68, whose
+cache stamps hash a file's content.
 """
 
 from llvmlite import ir

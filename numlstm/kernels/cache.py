@@ -1,0 +1,98 @@
+"""Where numba keeps numlstm's compiled kernels: a per-user folder, never the package.
+
+numba's default home for ``cache=True`` is the ``__pycache__`` folder beside
+the source file. For an installed numlstm that folder is inside
+site-packages, and pip neither records nor removes what numba writes there:
+an uninstall (and so every reinstall, upgrade or switch to an editable
+install) leaves ``numlstm/kernels/__pycache__/*.nbi, *.nbc`` behind, and the
+otherwise empty ``site-packages/numlstm/`` imports as a namespace package that
+shadows the next install for any process started outside the repository
+(issue 14). So every numba function defined in this package is cached in
+
+    ``$XDG_CACHE_HOME/numlstm/`` (default ``~/.cache/numlstm/``;
+    ``~/Library/Caches/numlstm/`` on macOS, ``%LOCALAPPDATA%\\numlstm\\`` on Windows)
+
+in a subfolder per source folder, named as numba names them (the folder's
+name and the SHA-1 of its path): two installs or checkouts never share
+entries, and entries are keyed by the source file's stamp, the Python
+version and numba's version as numba always does. A read-only site-packages
+is fine. Deleting the folder is always safe (the next process recompiles).
+
+Precedence, first match wins:
+
+1. ``NUMBA_CACHE_DIR`` set: numba's own user-provided folder (the CI's
+   bounds-checked run and the cold-start benchmark use it for a fresh cache);
+2. the per-user folder above, when it can be created and written;
+3. numba's own chain (``__pycache__`` if writable, then numba's per-user folder).
+
+``NUMLSTM_NO_CACHE=1`` (``numlstm.config.CACHE``) turns caching off altogether;
+``NUMBA_CACHE_LOCATOR_CLASSES`` (numba >= 0.68), when set, replaces numba's
+whole list and so this locator too.
+
+Mechanism: numba picks a locator for each cached function from
+``CacheImpl._locator_classes`` (``_CacheImpl`` before numba 0.68), asking each
+class in turn; this module puts one in front that answers only for files
+inside this package. It must run before the first kernel is decorated:
+``numlstm/kernels/__init__.py`` imports it.
+"""
+
+import os
+import sys
+
+from numba.core import caching
+from numba.core import config as _numba_config
+
+# The package folder (numlstm/): every numba function defined under it is ours.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
+
+def cache_root():
+    """The folder under which numlstm's kernels are cached when ``NUMBA_CACHE_DIR`` is unset."""
+    home = os.path.expanduser("~")
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+    elif sys.platform == "darwin":
+        base = os.path.join(home, "Library", "Caches")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME", "")
+        if not os.path.isabs(base):  # the XDG spec: a relative value is ignored
+            base = os.path.join(home, ".cache")
+    return os.path.join(base, "numlstm")
+
+
+def _in_package(py_file):
+    try:
+        path = os.path.realpath(py_file)
+        return os.path.commonpath([path, PACKAGE_DIR]) == PACKAGE_DIR
+    except ValueError:  # another drive (Windows), or a placeholder name
+        return False
+
+
+class PerUserCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
+    """numba cache locator for numlstm's own source files: :func:`cache_root`."""
+
+    def __init__(self, py_func, py_file):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = os.path.join(cache_root(), self.get_suitable_cache_subpath(py_file))
+
+    def get_cache_path(self):
+        return self._cache_path
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if _numba_config.CACHE_DIR or not _in_package(py_file):
+            return None
+        # The mixin returns None when the folder cannot be created or written.
+        return super().from_function(py_func, py_file)
+
+
+def _register():
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+    classes = impl._locator_classes
+    if not any(c.__name__ == PerUserCacheLocator.__name__ and c.__module__ == __name__
+               for c in classes):
+        classes.insert(0, PerUserCacheLocator)
+
+
+_register()
