@@ -200,8 +200,9 @@ def test_sequence_kernels_allocate_nothing_per_time_step():
 
 
 def test_every_cpu_kernel_has_a_cuda_twin_with_its_arguments():
-    """DESIGN §5: kernels/cuda.py mirrors kernels/cpu.py name for name and
-    argument for argument (the CUDA functions add a keyword-only ``stream``)."""
+    """docs/design.md, "5. CPU/GPU twins": kernels/cuda.py mirrors kernels/cpu.py
+    name for name and argument for argument (the CUDA functions add a
+    keyword-only ``stream``)."""
     import inspect
 
     from numba.core.registry import CPUDispatcher

@@ -3,7 +3,7 @@
 Glossary: T time steps, B batch, I input features, H hidden, P projection
 (0 = none), O = P or H, G = 4H gate rows (order i, f, g, o), N = T*B rows.
 
-Conventions (DESIGN.md §3):
+Conventions (docs/design.md, "3. Kernels"):
 
 * Arguments: outputs first, then inputs, then weights. Sizes are read off the
   array shapes, so no size arguments are needed.
