@@ -16,13 +16,18 @@ Subcommands:
     An ONNX file (its LSTM nodes) or a saved torch ``nn.LSTM`` / ``LSTMCell``
     state dict (``torch.save(module.state_dict(), "x.pt")``) to a model file.
 
-User mistakes (a missing or bad file, a bad argument) end with a one-line
-message on stderr and exit status 1 (2 for arguments argparse rejects),
-never a traceback.
+Every failure ends with a one-line message on stderr naming the file and
+what to do, and exit status 1 (2 for arguments argparse rejects), never a
+traceback: user mistakes (a missing, truncated or foreign file, a bad
+argument, an output path that is a folder) and errors from the optional
+frameworks alike; anything else is reported on one line as an unexpected
+error (set ``NUMLSTM_TRACEBACK=1`` to see its traceback when reporting it).
 """
 
 import argparse
 import os
+import re
+import stat
 import sys
 
 
@@ -139,10 +144,38 @@ def main(argv=None):
     try:
         return {"info": _info, "prune": _prune, "quantize": _quantize,
                 "convert": _convert}[args.command](args)
-    except (OSError, ValueError, TypeError, KeyError, ImportError) as e:
+    except KeyboardInterrupt:
+        print(f"numlstm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, TypeError, KeyError, ImportError, MemoryError) as e:
         # ModelFileError is a ValueError; ImportError: an optional framework is missing.
-        print(f"numlstm {args.command}: error: {e}", file=sys.stderr)
+        print(f"numlstm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - the promise: one line, never a traceback
+        if os.environ.get("NUMLSTM_TRACEBACK"):
+            raise
+        print(f"numlstm {args.command}: unexpected error: {type(e).__name__}: "
+              f"{_one_line(e)} (please report it; NUMLSTM_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 1
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")  # ANSI terminal sequences
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _one_line(e, limit=600):
+    """An exception's message as one printable line: terminal escape codes
+    dropped, the first non-empty line of a multi-line message, any other
+    control character (a newline in a file name) escaped, the exception's
+    type when the message is empty."""
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
+    text = _ESCAPES.sub("", str(text))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    line = _CONTROLS.sub(lambda m: repr(m.group())[1:-1], lines[0])
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _info(args):
@@ -200,33 +233,88 @@ def _convert(args):
     import numpy as np
 
     import numlstm
-    from numlstm import convert
 
     dtype = np.dtype(args.dtype)
-    suffix = args.source.lower().rsplit(".", 1)[-1]
-    if not os.path.exists(args.source):
-        raise FileNotFoundError(f"no file at {args.source!r}")
+    source = args.source
+    suffix = source.lower().rsplit(".", 1)[-1]
+    try:
+        mode = os.stat(source).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no file at {source!r}") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block torch.load / onnx.load for good
+        raise ValueError(f"{source!r} is not a regular file: give the path of an .onnx, "
+                         ".pt or .pth file")
+    if os.stat(source).st_size == 0:
+        raise ValueError(f"{source!r} is empty: give a complete .onnx file, or a state dict "
+                         "saved with torch.save(module.state_dict(), path)")
     if suffix == "onnx":
-        model = convert.from_onnx(args.source, dtype=dtype, batch_first=args.batch_first)
-        if isinstance(model, list):
-            raise ValueError(f"{args.source} holds {len(model)} separate LSTM stacks; convert "
-                             "it with numlstm.convert.from_onnx in Python and save each")
+        model = _from_onnx(source, dtype, args.batch_first)
     elif suffix in ("pt", "pth"):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError("converting a .pt file needs torch (pip install torch)") from None
-        try:
-            state = torch.load(args.source, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a bad file
-            raise ValueError(f"{args.source} is not a loadable torch state dict: "
-                             f"{str(e).splitlines()[0]}") from None
-        model = convert.from_torch(state, dtype=dtype, batch_first=args.batch_first)
+        model = _from_torch(source, dtype, args.batch_first)
     else:
-        raise ValueError(f"source must end in .onnx, .pt or .pth, got {args.source!r}")
+        raise ValueError(f"source must end in .onnx, .pt or .pth, got {source!r}")
     numlstm.save(model, args.output)
-    print(f"converted {args.source} to {model!r}; saved {args.output}")
+    print(f"converted {source} to {model!r}; saved {args.output}")
     return 0
+
+
+def _from_onnx(source, dtype, batch_first):
+    from numlstm import convert
+
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("converting an .onnx file needs onnx (pip install onnx)") from None
+    try:  # onnx and protobuf raise many types (DecodeError, ValidationError, ...)
+        proto = onnx.load(source)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{source!r} could not be loaded as an ONNX model ({_one_line(e)}); "
+                         "check that the file is complete and that any external data "
+                         "files sit beside it, inside its folder") from None
+    try:
+        model = convert.from_onnx(proto, dtype=dtype, batch_first=batch_first)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{source!r}: {_one_line(e)}") from None
+    if isinstance(model, list):
+        raise ValueError(f"{source!r} holds {len(model)} separate LSTM stacks; convert "
+                         "it with numlstm.convert.from_onnx in Python and save each")
+    return model
+
+
+def _from_torch(source, dtype, batch_first):
+    import pickle
+    from collections.abc import Mapping
+
+    from numlstm import convert
+
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("converting a .pt file needs torch (pip install torch)") from None
+    how = "save one with torch.save(module.state_dict(), path)"
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's weights-only refusal: many lines, terminal escapes, advice to
+        # load unsafely. Keep only what it refused.
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise ValueError(f"{source!r} holds a pickled {found.group(1)} object, not a "
+                             f"state dict, and objects are not unpickled (that could run "
+                             f"code): {how}") from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1]
+        raise ValueError(f"{source!r} is not a loadable torch state dict "
+                         f"({_one_line(ValueError(detail))}): {how}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ValueError(f"{source!r} is not a loadable torch state dict ({_one_line(e)}): "
+                         f"{how}") from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source!r} holds a {type(state).__name__}, not a state dict: {how}")
+    try:
+        return convert.from_torch(state, dtype=dtype, batch_first=batch_first)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{source!r}: {_one_line(e)}") from None
 
 
 def _demo(args):

@@ -23,12 +23,31 @@ from numlstm.kernels import cpu as K
 from numlstm.workspace import Workspace, plan_layout, plan_nbytes
 
 
-def _check_int(value, name, low):
+def _check_int(value, name, low, high=None):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
     return int(value)
+
+
+def _check_bool(value, name):
+    """A bool (Python's or NumPy's): a truthy string such as "false" is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got "
+                        f"{type(value).__name__} {value!r}")
+    return bool(value)
+
+
+# Bounds on a configuration, so that a typo or a forged file header fails at
+# once with a clear message instead of looping or allocating without end.
+# Sizes index int32 CSR columns; 1 TiB of parameters is beyond any machine
+# this runs on.
+MAX_SIZE = 2**31 - 1
+MAX_LAYERS = 10_000
+MAX_PARAM_BYTES = 2**40
 
 
 class _Tape:
@@ -56,9 +75,12 @@ class LSTM:
     hidden_size : int
         H, the cell state width.
     num_layers : int
-        L, stacked layers.
+        L, stacked layers (at most ``MAX_LAYERS`` = 10,000; sizes at most
+        2**31 - 1, and all parameters at most ``MAX_PARAM_BYTES`` = 1 TiB).
     bias : bool
-        Whether each layer has ``bias_ih`` and ``bias_hh``.
+        Whether each layer has ``bias_ih`` and ``bias_hh``. This and the other
+        flags must be bools (NumPy's too): a string such as ``"false"`` is a
+        TypeError, not True.
     batch_first : bool
         Inputs and outputs are (B, T, F) instead of (T, B, F).
     dropout : float
@@ -120,10 +142,10 @@ class LSTM:
     def _configure(self, input_size, hidden_size, num_layers=1, *, bias=True,
                    batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
                    dtype=np.float32, seed=None):
-        self.input_size = _check_int(input_size, "input_size", 1)
-        self.hidden_size = _check_int(hidden_size, "hidden_size", 1)
-        self.num_layers = _check_int(num_layers, "num_layers", 1)
-        self.proj_size = _check_int(proj_size, "proj_size", 0)
+        self.input_size = _check_int(input_size, "input_size", 1, MAX_SIZE)
+        self.hidden_size = _check_int(hidden_size, "hidden_size", 1, MAX_SIZE)
+        self.num_layers = _check_int(num_layers, "num_layers", 1, MAX_LAYERS)
+        self.proj_size = _check_int(proj_size, "proj_size", 0, MAX_SIZE)
         if self.proj_size >= self.hidden_size:
             raise ValueError(f"proj_size must be smaller than hidden_size={hidden_size}, "
                              f"got {proj_size}")
@@ -133,12 +155,13 @@ class LSTM:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
-        self.bias = bool(bias)
-        self.batch_first = bool(batch_first)
+        self.bias = _check_bool(bias, "bias")
+        self.batch_first = _check_bool(batch_first, "batch_first")
         self.dropout = float(dropout)
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional = _check_bool(bidirectional, "bidirectional")
         self.num_directions = 2 if bidirectional else 1
         self.output_size = self.proj_size or self.hidden_size  # O
+        self._check_param_bytes()
         self._rng = np.random.default_rng(seed)
         self._no_bias = np.zeros(4 * self.hidden_size, self.dtype)  # read-only zeros
         self._no_proj = W.Dense(np.zeros((0, 0), self.dtype)).kernel_args()  # P = 0
@@ -146,6 +169,21 @@ class LSTM:
         self._busy = threading.Lock()  # held by a running forward or backward
         self._train_ws = Workspace(self.dtype)
         self._infer_ws = Workspace(self.dtype)
+
+    def _check_param_bytes(self):
+        """Refuse a configuration whose parameters exceed ``MAX_PARAM_BYTES``
+        (counted in closed form: no per-layer loop, no allocation)."""
+        H, O, P, D = self.hidden_size, self.output_size, self.proj_size, self.num_directions
+        extra = (8 * H if self.bias else 0) + P * H + 4 * H * O  # biases, W_hr, W_hh
+        count = D * ((4 * H * self.input_size + extra)
+                     + (self.num_layers - 1) * (4 * H * D * O + extra))
+        nbytes = count * self.dtype.itemsize
+        if nbytes > MAX_PARAM_BYTES:
+            raise ValueError(
+                f"input_size={self.input_size}, hidden_size={H}, num_layers="
+                f"{self.num_layers}, proj_size={P}, bidirectional={self.bidirectional} "
+                f"ask for {count:,} {self.dtype.name} parameters ({nbytes / 2**40:.3g} TiB); "
+                f"numlstm accepts at most {MAX_PARAM_BYTES / 2**40:g} TiB")
 
     # ------------------------------------------------------------------
     # Device

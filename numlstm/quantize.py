@@ -9,7 +9,9 @@ Three independent savings on a CSR weight:
 * values as int8 with one symmetric scale per row, the scale stored as
   float16: ``value = q * scale[row]``, ``scale[row] ~ max |row| / 127``,
   q in [-127, 127] (error <= 0.57 scale per weight: half a step, plus the
-  scale's own 2**-11 rounding over at most 127 steps).
+  scale's own 2**-11 rounding over at most 127 steps). A row with |w| beyond
+  127 * 65504 ~ 8.3e6 would need an infinite scale: ``quantize`` refuses it
+  with a ValueError naming the weight, and the model is left as it was.
 
 Kernels read these kinds directly and convert each value in a register; no
 dense or float32 copy is ever made. A model with float16 or int8 values is
@@ -25,6 +27,7 @@ VALUE_TYPES = (None, "float16", "int8")
 INDEX_TYPES = ("auto", "uint16", "int32")
 _UINT16_COLUMNS = 2**16
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+_INT8_MAX_ABS = 127 * _FLOAT16_MAX  # ~8.3e6: larger rows would need an infinite scale
 
 
 def quantize(model, values="int8", indices="auto", *, skip_dense=False):
@@ -72,8 +75,10 @@ def quantize_weight(weight, values, indices="auto", name="weight"):
 
     ``weight`` may itself be quantized: values are requantized from its
     dequantized form. Raises ValueError naming ``name`` if ``indices="uint16"``
-    and the weight has more than 65536 columns, or if float16 cannot hold a
-    value (|w| > 65504).
+    and the weight has more than 65536 columns, if float16 cannot hold a
+    value (|w| > 65504), or, for int8, if a row's float16 scale would overflow
+    (|w| beyond 127 * 65504 ~ 8.3e6): such a weight is refused, never stored
+    with an infinite scale (a file ``load`` would reject).
     """
     R, C = weight.shape
     if indices == "uint16" and C > _UINT16_COLUMNS:
@@ -93,7 +98,16 @@ def quantize_weight(weight, values, indices="auto", name="weight"):
         rows = np.repeat(np.arange(R), np.diff(weight.indptr))
         peak = np.zeros(R, weight.dtype)
         np.maximum.at(peak, rows, np.abs(data))
-        scales = np.where(peak > 0, peak / 127, 1).astype(np.float16)
+        with np.errstate(over="ignore"):  # checked just below
+            scales = np.where(peak > 0, peak / 127, 1).astype(np.float16)
+        if not np.all(np.isfinite(scales)):
+            # An infinite scale would run, save, then be refused by load:
+            # refuse it here, naming the weight, and leave the model as it was.
+            row = int(np.argmax(~np.isfinite(scales)))
+            raise ValueError(
+                f"{name} cannot be stored as int8: row {row} has |w| up to "
+                f"{float(peak[row]):g}, and its float16 scale (max |w| / 127) overflows "
+                f"past |w| = {_INT8_MAX_ABS:g}; keep its float values (values=None)")
         data = np.clip(np.rint(data / scales[rows].astype(weight.dtype)), -127, 127) \
             .astype(np.int8)
     else:

@@ -133,3 +133,21 @@ class Stream:
         for args in self._calls:
             K.lstm_step(*args)
         return self._h_layers[-1]
+
+    def __reduce__(self):
+        """Copy and pickle by rebuilding: a stream's buffers are views into one
+        workspace block, and kernel argument tuples hold those views, so
+        copying its attributes one by one would step arrays that ``state`` and
+        ``reset`` no longer reach. A copy is a new stream of the same model,
+        batch size and current state: ``copy.copy`` shares the model,
+        ``copy.deepcopy`` and pickle carry a copy of it (a device model comes
+        back on the CPU, as a pickled model does)."""
+        h, c = self.state
+        if not isinstance(h, np.ndarray):  # a DeviceStream's state: to the host
+            h, c = h.copy_to_host(), c.copy_to_host()
+        return _rebuild_stream, (self.model, self.batch_size, (h, c))
+
+
+def _rebuild_stream(model, batch_size, state):
+    """A stream of ``model`` with ``state``: what a copied or unpickled Stream is."""
+    return model.stream(batch_size, state)

@@ -22,6 +22,10 @@ def _to_numpy(value, name):
         return value
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
         t = value.detach()
+        if getattr(t, "is_meta", False):  # torch's own error ("Cannot copy out...") hides why
+            raise ValueError(f"state[{name!r}] is a meta tensor, which holds no values: "
+                             "save the state dict of a module whose weights are loaded, "
+                             "not one built on the 'meta' device")
         torch = _torch()
         if t.layout != torch.strided:  # sparse tensors: densify
             t = t.to_dense()
