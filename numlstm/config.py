@@ -27,6 +27,31 @@ CACHE = os.environ.get("NUMLSTM_NO_CACHE", "") == ""
 # against a steady 54 us serial). Dense per-step products go to BLAS, which
 # threads them itself.
 
+# Per-step products of a CSR weight (streams and recurrences, B < STEP_MAX_B)
+# run from an execution layout chosen per weight (numlstm.layouts): "auto"
+# picks the cheapest by the cost model below; "sell", "dense" or "csr" forces
+# one for every weight (environment: NUMLSTM_STEP_LAYOUT).
+STEP_LAYOUT = os.environ.get("NUMLSTM_STEP_LAYOUT", "auto")
+# Below this batch the per-step products use the execution layout; from it on,
+# the CSR panel kernels (eight rows of x per stored weight) are faster.
+STEP_MAX_B = 4
+# Rows sorted by length within windows of this many rows before slicing
+# (None: the whole weight, the least padding; the output row of each lane is
+# stored, so the order costs nothing at run time).
+SELL_SIGMA = None
+# Whether a quantized (float16 / int8) CSR weight may run from a dense copy in
+# the model's dtype: off, since it would undo the bytes quantization saved.
+DENSE_FOR_QUANTIZED = False
+# ns per element of one product with one row of x, by ISA: "sell" per SELL
+# lane (padding included) plus "slice" per slice; "dense" per entry of R*K;
+# "csr" per stored value plus "row" per row. Measured with
+# benchmarks/layout_costs.py on a Xeon (Emerald Rapids, AVX-512) and on an
+# EPYC (AVX2); only their ratios matter.
+STEP_COSTS = {
+    "avx512": {"sell": 0.12, "slice": 2.0, "dense": 0.035, "csr": 0.45, "row": 3.0},
+    "avx2": {"sell": 0.35, "slice": 2.0, "dense": 0.065, "csr": 0.45, "row": 3.0},
+}
+
 # Batched kernels (input projections over all T*B rows, weight-gradient SDDMM)
 # use the ``parallel=True`` variant when their work, counted in multiply-adds,
 # is at least this large.

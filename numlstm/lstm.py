@@ -190,6 +190,7 @@ class LSTM:
     # ------------------------------------------------------------------
 
     _device = None  # numlstm.device.DeviceModel while the model lives on the GPU
+    _layouts_stale = False  # whether refresh_layouts is due (parameters() was called)
 
     @property
     def device(self):
@@ -298,6 +299,7 @@ class LSTM:
         """
         if self._device is not None:
             return self._device.parameters()
+        self._layouts_stale = True  # the caller may write: see refresh_layouts
         return {name: (p.values if name.startswith("weight") else p)
                 for name, p in self._params.items()}
 
@@ -653,6 +655,10 @@ class LSTM:
 
     def _forward(self, x, state, lengths, training, checkpoint, memory_budget):
         xt, unbatched = self._check_x(x)
+        if xt.shape[1] < config.STEP_MAX_B or self._layouts_stale:
+            # The recurrence will read the layouts' copies: refreshed on every
+            # call, so that values written in place in any way are seen.
+            self.refresh_layouts()
         if training:
             self._check_trainable()
         T, B = xt.shape[0], xt.shape[1]
@@ -749,8 +755,7 @@ class LSTM:
         # Arguments go as one prebuilt tuple: numba 0.68 leaks ~30 bytes per
         # array when positional and *-unpacked arguments are mixed in a call.
         args = ((v[f"hs{tag}"], v[f"cs{tag}"], gates, v[f"rs{tag}"], v["scratch"], lengths)
-                + self._biases(l, d) + self._weight("hh", l, d).kernel_args()
-                + self._proj_args(l, d))
+                + self._biases(l, d) + self._recurrent_args(l, d, B))
         K.lstm_seq_forward(*args)
 
     def _layer_forward_segments(self, v, l, d, layer_in, out, h0, c0, lengths, seglens,
@@ -800,10 +805,37 @@ class LSTM:
         gates = v["gates"][:n]
         _matmul_batch(gates.reshape(rows, -1), xs, self._weight("ih", l, d))
         args = ((v["hs"][:n + 1], v["cs"][:n + 1], gates, v["rs"][:n], v["scratch"], lens)
-                + self._biases(l, d) + self._weight("hh", l, d).kernel_args()
-                + self._proj_args(l, d))
+                + self._biases(l, d) + self._recurrent_args(l, d, B))
         K.lstm_seq_forward(*args)
         return xs
+
+    def _step_args(self, kind, l, d, B):
+        """Kernel arguments of weight ``kind`` ("ih", "hh", "hr") for per-step
+        products of B rows: its per-step execution layout (``numlstm.layouts``)
+        for B < ``config.STEP_MAX_B``, else its stored arrays. No projection:
+        the empty projection arguments."""
+        if kind == "hr" and not self.proj_size:
+            return self._no_proj
+        w = self._weight(kind, l, d)
+        return w.step_args() if B < config.STEP_MAX_B else w.kernel_args()
+
+    def _recurrent_args(self, l, d, B):
+        """W_hh's and W_hr's arguments for a recurrence over B rows."""
+        return self._step_args("hh", l, d, B) + self._step_args("hr", l, d, B)
+
+    def refresh_layouts(self):
+        """Copy the current weight values into the per-step execution layouts.
+
+        Sparse weights keep a copy of their values laid out for the per-step
+        kernels (``numlstm.layouts``). ``forward`` refreshes it on every call
+        that uses it (batch < ``config.STEP_MAX_B``). A stream refreshes it at
+        its next step after ``parameters()`` was called (optimizers call it
+        every step); after writing again into arrays obtained from an earlier
+        ``parameters()`` call, call this before the next ``Stream.step``.
+        """
+        for w in self._weights().values():
+            w.refresh_step()
+        self._layouts_stale = False
 
     def _proj_args(self, l, d, transposed=False):
         if not self.proj_size:

@@ -38,7 +38,8 @@ from numlstm.lstm import LSTM, _check_int
 
 OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2, "adamw": 2}
 
-ROWS = ("weight values", "weight indices", "weight indptr", "weight scales", "biases",
+ROWS = ("weight values", "weight indices", "weight indptr", "weight scales",
+        "weight layout", "biases",
         "gradients", "optimizer state", "recorded activations", "workspace")
 
 

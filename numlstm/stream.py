@@ -84,10 +84,9 @@ class Stream:
             x = self._x if l == 0 else self._h_layers[l - 1]
             self._calls.append((
                 self._h_layers[l], self._c_layers[l], self._gates, self._r, x)
-                + m._weight("ih", l, 0).kernel_args()
+                + m._step_args("ih", l, 0, self.batch_size)
                 + m._biases(l, 0)
-                + m._weight("hh", l, 0).kernel_args()
-                + m._proj_args(l, 0))
+                + m._recurrent_args(l, 0, self.batch_size))
         self._version = m.version
 
     def reset(self, state=None):
@@ -120,8 +119,11 @@ class Stream:
             The top layer's output h_t: a view of the stream's state buffer,
             overwritten by the next step (copy it to keep it).
         """
-        if self._version != self.model.version:
+        m = self.model
+        if self._version != m.version:
             self._bind()
+        if m._layouts_stale:
+            m.refresh_layouts()
         x = self._x
         # The common case in ~0.3 us (dtype objects of one type are one object;
         # a dtype that is equal but not identical takes the checked path).

@@ -19,6 +19,7 @@ values can be refreshed from ``values`` after an update.
 import numpy as np
 import scipy.sparse as sp
 
+from numlstm import layouts
 from numlstm.kernels import cpu as K
 
 _NO_INDEX = np.zeros(0, dtype=np.int32)  # the unused index slots of a dense weight
@@ -52,6 +53,14 @@ class _Weight:
 
     def new_grad(self):
         return np.zeros_like(self.values)
+
+    def step_args(self):
+        """Kernel arguments of per-step products: the stored arrays (CSR
+        weights may have an execution layout of their own)."""
+        return self.kernel_args()
+
+    def refresh_step(self):
+        """Nothing to refresh: per-step products read the stored arrays."""
 
     def to_array(self):
         """The weight as a dense (R, K) array of the model's dtype (a copy)."""
@@ -126,8 +135,9 @@ class CSR(_Weight):
     format = "csr"
 
     def __init__(self, data, indices, indptr, shape, dtype=None, scales=None):
-        self.data = data  # (nnz,)
-        self.indices = indices  # (nnz,) int32 or uint16, sorted within each row
+        self._data = data  # (nnz,); None once an execution layout holds the values
+        self._indices = indices  # (nnz,) int32 or uint16, sorted within each row
+        self._index_dtype = indices.dtype
         self.indptr = indptr  # (R + 1,) int32 or uint16
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype if dtype is not None else data.dtype)
@@ -136,21 +146,49 @@ class CSR(_Weight):
         self._transposed = None  # (data_t, indices_t, indptr_t, perm), built lazily
         self._bind()
 
+    @property
+    def data(self):
+        """The values (nnz,) in CSR order: the live array of a trainable weight; a
+        copy rebuilt from the layout for a quantized one stored as SELL."""
+        return self._data if self._data is not None else self._step[0].csr_values()
+
+    @data.setter
+    def data(self, value):
+        # ``w.data *= s`` updates in place and assigns the same array back.
+        if value is not self._data:
+            raise AttributeError("a CSR weight's values are updated in place (w.data[...] = "
+                                 "v); to replace the weight use LSTM.load_state_dict")
+
+    @property
+    def indices(self):
+        """Column indices (nnz,), sorted within each row (a rebuilt copy when the
+        SELL layout is the storage)."""
+        if self._indices is not None:
+            return self._indices
+        return self._step[0].csr_indices(self._index_dtype)
+
     def _bind(self):
-        """The kernel arguments: views of the stored arrays, made once."""
-        data = self.data
+        """The kernel arguments (views of the stored arrays, made once) and the
+        per-step execution layout. A quantized weight (inference only, values
+        never updated) whose layout is SELL keeps only the layout: the CSR
+        arrays are rebuilt from it when asked for (``data``, ``indices``)."""
+        data = self._data
         if data.dtype == np.int8:  # (R, 1) scale bits
             w0, kdata = self.scales.view(np.uint16).reshape(-1, 1), data
         elif data.dtype == np.float16:
             w0, kdata = self._no_dense, data.view(np.uint16)  # kernels read the bits
         else:
             w0, kdata = self._no_dense, data
-        self._args = (w0, kdata, self.indices, self.indptr)
+        self._args = (w0, kdata, self._indices, self.indptr)
+        self._step = self._build_step()  # (layout, its kernel arguments)
+        if not self.trainable and isinstance(self._step[0], layouts.Sell):
+            self._args = self._step[1]  # batched products run on the layout too
+            self._data = self._indices = None
 
     def __getstate__(self):
         # Views would pickle as copies that in-place updates no longer reach.
-        state = dict(self.__dict__, _transposed=None)
-        del state["_args"]
+        state = dict(self.__dict__, _transposed=None, _data=self.data, _indices=self.indices)
+        del state["_args"], state["_step"]
         return state
 
     def __setstate__(self, state):
@@ -163,7 +201,7 @@ class CSR(_Weight):
 
     @property
     def index_type(self):
-        return self.indices.dtype.name
+        return self._index_dtype.name
 
     @property
     def trainable(self):
@@ -171,10 +209,53 @@ class CSR(_Weight):
 
     @property
     def nnz(self):
-        return self.data.shape[0]
+        return int(self.indptr[-1])
 
     def kernel_args(self):
         return self._args
+
+    def nbytes_parts(self):
+        """As for every kind, plus ``layout``: the per-step execution layout's copy
+        (0 when the per-step products read the CSR arrays themselves). When the
+        SELL layout is the storage, values and indices are its arrays (padding
+        included) and ``layout`` its slice table."""
+        layout = self._step[0]
+        if self._data is None:
+            return {"values": layout.data.nbytes, "indices": layout.indices.nbytes,
+                    "indptr": self.indptr.nbytes, "scales": self.scales.nbytes
+                    if self.scales is not None else 0, "layout": layout.slices.nbytes}
+        return dict(super().nbytes_parts(), layout=0 if layout is self else layout.nbytes)
+
+    def _build_step(self):
+        """Choose and build the per-step execution layout (``numlstm.layouts``):
+        a ``Sell`` layout, a ``Dense`` copy, or this CSR itself."""
+        kind = layouts.choose(self)
+        if kind == "sell":
+            sell = layouts.Sell(self.data, self.indices, self.indptr, self.shape)
+            w0, kdata = self._args[:2]  # kdata: how the kernels see the value type
+            return sell, (w0, sell.data.view(kdata.dtype), sell.indices, sell.slices)
+        if kind == "dense":
+            dense = Dense(self.public().toarray())
+            return dense, dense.kernel_args()
+        return self, self._args
+
+    def step_layout(self):
+        """The execution layout of per-step products: ``Sell``, ``Dense`` or self."""
+        return self._step[0]
+
+    def step_args(self):
+        """Kernel arguments of the per-step execution layout (``step_layout``)."""
+        return self._step[1]
+
+    def refresh_step(self):
+        """Copy the current values into the execution layout, if it holds a copy."""
+        layout = self._step[0]
+        if self._data is None:  # the layout is the storage
+            return
+        if isinstance(layout, layouts.Sell):
+            layout.refresh(self.data)
+        elif isinstance(layout, Dense):
+            layout.array[...] = self.public().toarray()
 
     def kernel_args_t(self):
         """The CSR pattern of W^T, its values refreshed from ``data``."""

@@ -50,7 +50,8 @@ def test_rows_sum_to_total_and_weights_match_weight_bytes():
     assert isinstance(report, dict) and isinstance(report, MemoryReport)
     assert list(report) == list(ROWS) + ["total"]
     assert report["total"] == sum(v for k, v in report.items() if k != "total")
-    weights = sum(report[f"weight {p}"] for p in ("values", "indices", "indptr", "scales"))
+    weights = sum(report[f"weight {p}"]
+                  for p in ("values", "indices", "indptr", "scales", "layout"))
     assert weights + report["biases"] == m.weight_bytes()
     parts = {"values": 0, "indices": 0, "indptr": 0}
     for name, w in m.state_dict().items():

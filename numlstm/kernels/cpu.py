@@ -19,10 +19,15 @@ Conventions (docs/design.md, "3. Kernels"):
   CSR, int8 values      (R, 1) float16 scale  (nnz,) int8         int32 or uint16
                         bits
   BSR (br x bc blocks)  (0, 0)                (nblocks, br, bc)   over block rows
+  SELL-C-sigma          as the CSR kind's     (S, C) values of    indices (S, C)
+  (per-step layout of                         any CSR value kind  columns; indptr
+  a CSR weight)                                                   (nslices, 2 + C)
+                                                                  slice table
   ====================  ====================  ==================  ===============
 
-  Indices are sorted within each row. Products with W^T for a sparse weight
-  take the transposed pattern (CSR/BSR of W^T) in the same four slots.
+  Indices are sorted within each row. The SELL layout (``numlstm.layouts``) is
+  derived from a CSR weight for per-step products (``matmul``). Products with
+  W^T for a sparse weight take the transposed pattern (CSR/BSR of W^T) in the same four slots.
 * Every product here writes ``out = x @ W^T`` (overwrite, never accumulate),
   with x (N, K), W (R, K), out (N, R).
 * Kernels never allocate; every buffer comes from the caller's workspace.
@@ -186,13 +191,13 @@ def _panel(out, x, w0, data, indices, indptr, n0):
 
 @overload(_panel, jit_options=_OPTS)
 def _panel_overload(out, x, w0, data, indices, indptr, n0):
-    if not V.applies(out, x, data, indices, indptr):
+    if not V.applies(out, x, data, indices, indptr, w0) or data.ndim == 2:
         return lambda out, x, w0, data, indices, indptr, n0: False
     if data.ndim == 1:
         def csr(out, x, w0, data, indices, indptr, n0):
             if x.shape[1] > V.PANEL_MAX_K:
                 return False
-            V.panel_csr(out, x, data, indices, indptr, n0)
+            V.panel_csr(out, x, data, indices, indptr, w0, n0)
             return True
         return csr
 
@@ -201,10 +206,10 @@ def _panel_overload(out, x, w0, data, indices, indptr, n0):
         if x.shape[1] > V.PANEL_MAX_K:
             return False
         if br == 8 and bc == 1:
-            V.panel_8x1(out, x, data, indices, indptr, n0)
+            V.panel_8x1(out, x, data, indices, indptr, w0, n0)
             return True
         if br == 1 and bc == 8:
-            V.panel_1x8(out, x, data, indices, indptr, n0)
+            V.panel_1x8(out, x, data, indices, indptr, w0, n0)
             return True
         return False
     return bsr
@@ -216,6 +221,15 @@ def _sparse_row(on, xn, w0, data, indices, indptr):
 
 @overload(_sparse_row, jit_options=_OPTS)
 def _sparse_row_overload(on, xn, w0, data, indices, indptr):
+    if data.ndim == 2:  # SELL-C-sigma: indptr holds the slice table
+        scaled = data.dtype == nbtypes.int8  # w0: the float16 row scales (R, 1)
+
+        def sell_row(on, xn, w0, data, indices, indptr):
+            V.sell_rows(on, xn, data, indices, indptr)
+            if scaled:
+                for r in range(on.shape[0]):
+                    on[r] *= _half_to_float(w0[r, 0])
+        return sell_row
     if data.ndim == 3:  # BSR: data (nblocks, br, bc), indices and indptr over blocks
         fast = V.applies(on, xn, data, indices, indptr)
 
@@ -621,4 +635,5 @@ def _transpose(out, x):
 
 
 transpose, transpose_parallel = _variants(_transpose)
+
 

@@ -1,9 +1,16 @@
 """Sparse products written as LLVM IR: vector code LLVM does not find on its own.
 
-Two families, both for float32 and float64 weights and C-contiguous arrays:
+Three families, for C-contiguous arrays:
 
 * row kernels (``bsr_rows_8x1``, ``bsr_rows_1x8``): one row x (K,) times a BSR
   weight with 8x1 or 1x8 blocks, a block's eight lanes in one vector;
+* the SELL kernel (``sell_rows``): one row x (K,) times a CSR weight in its
+  SELL-C-sigma execution layout (``numlstm.layouts``): the C rows of a slice
+  advance together, one vector of C stored values (float32/64, float16 bits
+  converted in registers, or int8 widened) times the C inputs they meet,
+  fetched with one gather (``llvm.masked.gather``: ``vgatherdps`` on AVX2 and
+  AVX-512; LLVM scalarises it where the CPU's gathers are slow). C is
+  ``SELL_LANES``, from the host CPU's vector width;
 * panel kernels (``panel_csr``, ``panel_8x1``, ``panel_1x8``): eight rows of x
   at once. The panel is transposed into a stack buffer xt (K, 8) first, so the
   eight x values a stored weight meets are one contiguous vector: a stored
@@ -20,8 +27,9 @@ has 4-5 cycles of latency. The kernels are inlined into numba functions
 compiled with fast-math, whose pass flags these adds too, so LLVM fuses them
 into FMAs and sums lanes as a tree.
 
-Indices and indptr may be any integer type; they are validated non-negative
-where weights are made.
+Row and panel kernels take float32 and float64 values, and ``panel_csr``
+float16 bits and int8 values too. Indices and indptr may be any integer type;
+they are validated non-negative where weights are made.
 
 Numba's on-disk cache keys a kernel on its own source file only: after
 editing this module, delete the kernel cache (the folder
@@ -30,7 +38,9 @@ the old code; touching ``cpu.py`` is not enough on numba 0.68, whose
 cache stamps hash a file's content.
 """
 
+import llvmlite.binding as llvm
 from llvmlite import ir
+from llvmlite.ir.instructions import GEPInstr
 from numba import types as nbtypes
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -40,14 +50,26 @@ CHAINS = 4  # independent accumulators per sum
 PANEL_MAX_K = 4096  # a panel's transposed copy lives on the stack: <= 256 KiB (float64)
 
 _I64 = ir.IntType(64)
+_I32 = ir.IntType(32)
+
+
+def _host_lanes():
+    """float32 lanes of the host's widest vector registers: 16 with AVX-512,
+    8 otherwise (AVX2; on older CPUs LLVM splits the vectors, still correct)."""
+    return 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
+
+
+SELL_LANES = _host_lanes()  # C of the SELL-C-sigma layout: rows per slice
+# LLVM 22 dropped the alignment operand of the masked gather intrinsic.
+_GATHER_HAS_ALIGN = llvm.llvm_version_info[0] < 22
 
 
 class _Emitter:
     """IR helpers over one kernel's arrays (``make_array`` structs)."""
 
-    def __init__(self, context, builder, dtype):
+    def __init__(self, context, builder, dtype, lanes=LANES):
         self.b = builder
-        self.vty = ir.VectorType(context.get_value_type(dtype), LANES)
+        self.vty = ir.VectorType(context.get_value_type(dtype), lanes)
         self.align = dtype.bitwidth // 8
 
     def index(self, arr, ty, k):
@@ -59,6 +81,35 @@ class _Emitter:
         """LANES consecutive elements from ptr + k."""
         p = self.b.bitcast(self.b.gep(ptr, [k]), self.vty.as_pointer())
         return self.b.load(p, align=self.align)
+
+    def widened(self, vec, value_type):
+        """A vector of stored values as the accumulator's type: float16 bits
+        converted (``vcvtph2ps`` with F16C), int8 sign-extended, floats as they are."""
+        n = vec.type.count
+        if value_type == nbtypes.uint16:  # float16 bits
+            halves = self.b.bitcast(vec, ir.VectorType(ir.HalfType(), n))
+            return self.b.fpext(halves, ir.VectorType(self.vty.element, n))
+        if value_type == nbtypes.int8:
+            return self.b.sitofp(vec, ir.VectorType(self.vty.element, n))
+        return vec
+
+    def gather(self, base, columns):
+        """base[columns[l]] in lane l: one masked gather with every lane on."""
+        n = columns.type.count
+        ptrs = GEPInstr(self.b.block, base, [columns], True, "", source_etype=self.vty.element)
+        ptrs.type = ir.VectorType(ir.PointerType(), n)  # a vector GEP: one pointer a lane
+        self.b._insert(ptrs)
+        vty = ir.VectorType(self.vty.element, n)
+        mask_ty = ir.VectorType(ir.IntType(1), n)
+        suffix = f"v{n}{'f32' if self.vty.element == ir.FloatType() else 'f64'}.v{n}p0"
+        operands = [ptrs, ir.Constant(mask_ty, [1] * n), ir.Constant(vty, ir.Undefined)]
+        argtys = [ptrs.type, mask_ty, vty]
+        if _GATHER_HAS_ALIGN:
+            operands.insert(1, _I32(self.align))
+            argtys.insert(1, _I32)
+        fn = cgutils.get_or_insert_function(self.b.module, ir.FunctionType(vty, argtys),
+                                            f"llvm.masked.gather.{suffix}")
+        return self.b.call(fn, operands)
 
     def broadcast(self, ptr, k):
         """ptr[k] in every lane."""
@@ -152,10 +203,10 @@ def _row_codegen(wide):
 def _panel_codegen(shape):
     """out[n0:n0+8] = x[n0:n0+8] @ W^T, ``shape`` "csr", "8x1" or "1x8"."""
     def codegen(context, builder, sig, args):
-        out, x, data, indices, indptr = _arrays(context, builder, sig, args, 5)
-        _, _, data_t, indices_t, indptr_t, _ = sig.args
-        n0 = args[5]
-        e, b = _Emitter(context, builder, data_t.dtype), builder
+        out, x, data, indices, indptr, w0 = _arrays(context, builder, sig, args, 6)
+        _, x_t, data_t, indices_t, indptr_t, _, _ = sig.args
+        n0 = args[6]
+        e, b = _Emitter(context, builder, x_t.dtype), builder
         R = cgutils.unpack_tuple(b, out.shape)[1]
         K = cgutils.unpack_tuple(b, x.shape)[1]
         i8p = ir.PointerType(ir.IntType(8))
@@ -182,7 +233,26 @@ def _panel_codegen(shape):
         slots = e.accumulators(LANES if shape == "8x1" else CHAINS)
 
         def csr_value(slot, k):
-            e.fma(slot, e.broadcast(data.data, k), column(e.index(indices, indices_t, k)))
+            if data_t.dtype in (nbtypes.uint16, nbtypes.int8):  # float16 bits, int8
+                one = b.load(b.gep(data.data, [k]))
+                wide = e.widened(b.insert_element(ir.Constant(ir.VectorType(one.type, 1),
+                                                              ir.Undefined), one, _I64(0)),
+                                 data_t.dtype)
+                value = b.shuffle_vector(wide, ir.Constant(wide.type, ir.Undefined),
+                                         ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+            else:
+                value = e.broadcast(data.data, k)
+            e.fma(slot, value, column(e.index(indices, indices_t, k)))
+
+        def row_scale(acc, r):  # int8 values: times the row's float16 scale, w0 (R, 1)
+            if data_t.dtype != nbtypes.int8:
+                return acc
+            bits = b.bitcast(b.load(b.gep(w0.data, [r])), ir.HalfType())
+            scale = b.fpext(bits, e.vty.element)
+            undef = ir.Constant(e.vty, ir.Undefined)
+            return b.fmul(acc, b.shuffle_vector(
+                b.insert_element(undef, scale, _I64(0)), undef,
+                ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)))
 
         def block(k):
             c = e.index(indices, indices_t, k)
@@ -208,7 +278,7 @@ def _panel_codegen(shape):
                 for i, slot in enumerate(slots):
                     store_lanes(b.load(slot), b.add(b.mul(r, _I64(LANES)), _I64(i)))
             else:
-                store_lanes(e.total(slots), r)
+                store_lanes(row_scale(e.total(slots), r), r)
 
         e.rows(indptr, indptr_t, row)
         b.call(restore, [stack])
@@ -216,25 +286,87 @@ def _panel_codegen(shape):
     return codegen
 
 
+def _sell_codegen(context, builder, sig, args):
+    """on[rows] = W xn over the slices of a SELL-C-sigma layout.
+
+    data (S, C) and indices (S, C): entry k of a slice holds, in lane l, the
+    k-th stored value of the slice's row l and its column (padding: value 0,
+    column 0); slices (nslices, 2 + C) int32: [start, stop) of the slice's
+    entries, then the output row of each lane (-1: no row).
+    """
+    on, xn, data, indices, slices = _arrays(context, builder, sig, args, 5)
+    _, x_t, data_t, indices_t, slices_t = sig.args
+    C = SELL_LANES
+    e, b = _Emitter(context, builder, x_t.dtype, C), builder
+    stored = ir.VectorType(context.get_value_type(data_t.dtype), C)
+    cols_ty = ir.VectorType(context.get_value_type(indices_t.dtype), C)
+    slots = e.accumulators(CHAINS)
+
+    def entry(slot, k):
+        q = b.mul(k, _I64(C))
+        vals = b.load(b.bitcast(b.gep(data.data, [q]), stored.as_pointer()),
+                      align=data_t.dtype.bitwidth // 8)
+        cols = b.load(b.bitcast(b.gep(indices.data, [q]), cols_ty.as_pointer()),
+                      align=indices_t.dtype.bitwidth // 8)
+        if cols_ty.element.width < 32:  # uint16 columns
+            cols = b.zext(cols, ir.VectorType(_I32, C))
+        e.fma(slot, e.widened(vals, data_t.dtype), e.gather(xn.data, cols))
+
+    nslices = cgutils.unpack_tuple(b, slices.shape)[0]
+    width = _I64(2 + C)
+    with cgutils.for_range(b, nslices) as sl:
+        row0 = b.mul(sl.index, width)
+        start = e.index(slices, slices_t, row0)
+        stop = e.index(slices, slices_t, b.add(row0, _I64(1)))
+        e.zero(slots)
+        e.chained(start, stop, slots, entry)
+        acc = e.total(slots)
+        for lane in range(C):
+            r = b.load(b.gep(slices.data, [b.add(row0, _I64(2 + lane))]))
+            with b.if_then(b.icmp_signed(">=", r, ir.Constant(r.type, 0))):
+                b.store(b.extract_element(acc, _I64(lane)),
+                        b.gep(on.data, [b.sext(r, _I64)]))
+    return context.get_dummy_value()
+
+
+@intrinsic
+def sell_rows(typingctx, on, xn, data, indices, slices):
+    """on (R,) = W xn (K,) for W in SELL-C-sigma layout (see ``_sell_codegen``);
+    the int8 kind's row scales are applied by the caller."""
+    arrays = (on, xn, data, indices, slices)
+    if (all(getattr(a, "layout", "") == "C" for a in arrays)
+            and xn.dtype in (nbtypes.float32, nbtypes.float64) and on.dtype == xn.dtype
+            and getattr(data, "ndim", 0) == 2 and getattr(indices, "ndim", 0) == 2
+            and data.dtype in (xn.dtype, nbtypes.uint16, nbtypes.int8)
+            and indices.dtype in (nbtypes.uint16, nbtypes.int32)
+            and slices.dtype == nbtypes.int32):
+        return nbtypes.none(*arrays), _sell_codegen
+
+
 def applies(*arrays):
-    """Whether these kernels take arrays of these numba types (float values
-    last-but-two, as in every signature here; all C-contiguous)."""
-    data = arrays[2]
-    return (getattr(data, "dtype", None) in (nbtypes.float32, nbtypes.float64)
+    """Whether the row and panel kernels take arrays of these numba types
+    (x second, values third, as in every signature here; all C-contiguous):
+    float32/float64 values of x's type, and for ``panel_csr`` also float16
+    bits (uint16) or int8 values."""
+    x, data = arrays[1], arrays[2]
+    xdt, ddt = getattr(x, "dtype", None), getattr(data, "dtype", None)
+    return ((ddt == xdt in (nbtypes.float32, nbtypes.float64)
+             or (xdt in (nbtypes.float32, nbtypes.float64)
+                and ddt in (nbtypes.uint16, nbtypes.int8) and getattr(data, "ndim", 0) == 1))
             and all(getattr(a, "layout", "") == "C" for a in arrays))
 
 
 def _row_typer(codegen):
     def typer(typingctx, on, xn, data, indices, indptr):
-        if applies(on, xn, data, indices, indptr):
+        if applies(on, xn, data, indices, indptr) and data.dtype == xn.dtype:
             return nbtypes.none(on, xn, data, indices, indptr), codegen
     return typer
 
 
 def _panel_typer(codegen):
-    def typer(typingctx, out, x, data, indices, indptr, n0):
-        if applies(out, x, data, indices, indptr):
-            return nbtypes.none(out, x, data, indices, indptr, nbtypes.int64), codegen
+    def typer(typingctx, out, x, data, indices, indptr, w0, n0):
+        if applies(out, x, data, indices, indptr, w0):
+            return nbtypes.none(out, x, data, indices, indptr, w0, nbtypes.int64), codegen
     return typer
 
 
@@ -242,7 +374,8 @@ def _panel_typer(codegen):
 bsr_rows_8x1 = intrinsic(_row_typer(_row_codegen(False)))
 bsr_rows_1x8 = intrinsic(_row_typer(_row_codegen(True)))
 
-# out[n0:n0+8] = x[n0:n0+8] @ W^T: float CSR, BSR 8x1, BSR 1x8.
+# out[n0:n0+8] = x[n0:n0+8] @ W^T: CSR of any value kind (w0: int8's (R, 1)
+# scale bits, else unused), BSR 8x1, BSR 1x8.
 panel_csr = intrinsic(_panel_typer(_panel_codegen("csr")))
 panel_8x1 = intrinsic(_panel_typer(_panel_codegen("8x1")))
 panel_1x8 = intrinsic(_panel_typer(_panel_codegen("1x8")))

@@ -1,0 +1,43 @@
+"""Conversions between CSR order and the SELL-C-sigma layout (``numlstm.layouts``).
+
+Host-side only: they build and refresh the per-step execution layout of a CSR
+weight on the CPU, so unlike ``cpu.py``'s kernels they have no CUDA twins
+(device weights keep plain CSR).
+"""
+
+from numba import njit
+
+from numlstm.kernels.cpu import _OPTS
+
+
+@njit(**_OPTS)
+def sell_scatter(out, values, indptr, slices):
+    """out (S, C) receives each CSR row's values (nnz,) in its slice lane.
+
+    Row r in lane l of slice s (``slices[s, 2 + l] == r``) puts its j-th
+    value at ``out[slices[s, 0] + j, l]``; padding entries keep what ``out``
+    held (zeros when freshly made).
+    """
+    C = out.shape[1]
+    for s in range(slices.shape[0]):
+        e0 = slices[s, 0]
+        for lane in range(C):
+            r = slices[s, 2 + lane]
+            if r >= 0:
+                k0 = indptr[r]
+                for j in range(indptr[r + 1] - k0):
+                    out[e0 + j, lane] = values[k0 + j]
+
+
+@njit(**_OPTS)
+def sell_gather(out, sell, indptr, slices):
+    """The inverse of ``sell_scatter``: out (nnz,) in CSR order from sell (S, C)."""
+    C = sell.shape[1]
+    for s in range(slices.shape[0]):
+        e0 = slices[s, 0]
+        for lane in range(C):
+            r = slices[s, 2 + lane]
+            if r >= 0:
+                k0 = indptr[r]
+                for j in range(indptr[r + 1] - k0):
+                    out[k0 + j] = sell[e0 + j, lane]
