@@ -1,7 +1,7 @@
 """A lightweight inference service: a saved model behind a JSON HTTP API, one
 stream per client session. Standard library only (``http.server``).
 
-    python examples/service.py MODEL.npz [--port 8000] [--host 127.0.0.1]
+    python examples/service.py MODEL.npz [--port 8000] [--host 127.0.0.1] [limits]
 
 Endpoints (JSON bodies and replies):
 
@@ -15,18 +15,44 @@ Endpoints (JSON bodies and replies):
 
 Each session owns a ``Stream`` of the shared, read-only model (streams of one
 model may step in different threads at once); a session's own steps are
-serialised by its lock. Bad requests get a 4xx status and ``{"error":
-message}``: malformed JSON, wrong shapes, non-finite numbers, unknown
-sessions or paths, other methods, too many sessions, bodies over 1 MiB.
+serialised by its lock. Bad requests get a 4xx status (501 for
+``Transfer-Encoding``) and ``{"error": message}``: malformed JSON, wrong
+shapes, values that are not numbers (booleans, strings) or not finite in the
+model's dtype, unknown sessions or paths, other methods, too many sessions,
+bodies over 1 MiB, too many steps. Replies are strict JSON (never ``NaN``).
 Connections are kept alive (HTTP/1.1) and replies leave at once (no Nagle
 delay); ``examples/service_load.py`` measures the service under load.
+
+What one client can cost is bounded (``Limits``, each a command-line flag):
+
+- at most ``max_connections`` open connections (fewer if the descriptor limit,
+  ``ulimit -n``, is lower): one more evicts the connection still waiting for
+  its request whose deadline is nearest, so slow clients cannot lock out
+  ``/health``;
+- a client has ``request_timeout`` seconds in all to send a request, counted
+  from when its connection starts waiting for it (a byte at a time does not
+  extend it), and as long again to take the reply; stepping has no clock (the
+  step cap bounds it), so a slow step never loses a reply;
+- at most ``max_steps`` steps per request and ``max_reply_bytes`` of reply (413,
+  checked before any step);
+- at most ``max_sessions`` sessions, ``max_sessions_per_client`` of them from
+  one IP address; a session unused for ``session_ttl`` seconds ends.
+
+Out of file descriptors, the server waits (up to a second) before accepting
+again rather than spinning. ``Transfer-Encoding``, repeated or malformed
+``Content-Length`` and malformed header lines are refused, so that a proxy in
+front cannot read a request's length differently from the service.
 """
 
 import argparse
+import dataclasses
+import errno
 import json
 import re
+import socket
 import sys
 import threading
+import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,17 +61,74 @@ import numpy as np
 
 import numlstm
 
+try:
+    import resource
+except ImportError:  # not on Windows: no descriptor limit to read
+    resource = None
+
 MAX_BODY = 1 << 20
 MAX_DRAIN = 16 * MAX_BODY  # an oversized body up to this is read and dropped, so that
 # the client, still sending it, reads the 413 instead of a reset connection
-IDLE_TIMEOUT = 60.0  # seconds a connection may sit idle or stall mid-request
+FD_RESERVE = 32  # descriptors kept for the process itself (listening socket,
+# selector, standard streams, files Numba or a reload opens) and for
+# connections that are evicted but not yet closed by their thread
+# The longest JSON a float can take ("-4.9406564584124654e-324") plus ", ": a
+# reply's size is bounded before any step is taken.
+REPLY_BYTES_PER_NUMBER = 26
 _SESSION = re.compile(r"^/sessions/([0-9a-f]{32})(/step|/reset)?$")
+_LENGTH = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() also takes "+1", "1_0", "١"
+_JSON_TYPES = {bool: "a boolean", str: "a string", type(None): "null", dict: "an object"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one client may cost the service; each is a command-line flag.
+
+    Attributes
+    ----------
+    max_sessions : int
+        Sessions open at once, over all clients (429 past it).
+    max_sessions_per_client : int
+        Sessions open at once from one IP address (429 past it). Behind a
+        proxy every client has the proxy's address: raise it there.
+    session_ttl : float
+        Seconds a session may go unused before it ends (its id then gets 404).
+    max_steps : int
+        Steps in one request (413 past it).
+    max_reply_bytes : int
+        The largest reply a request may ask for (413 past it, before any
+        step), counted as steps * (26 * outputs + 4) + 16 bytes: no reply is
+        longer.
+    max_connections : int
+        Connections open at once (one thread each); lowered to the
+        descriptor limit less ``FD_RESERVE``.
+    request_timeout : float
+        Seconds a client has to send a request, in all (waiting for it on a
+        kept-alive connection included), and again to take its reply.
+    """
+
+    max_sessions: int = 1000
+    max_sessions_per_client: int = 100
+    session_ttl: float = 600.0
+    max_steps: int = 1024
+    max_reply_bytes: int = 1 << 20
+    max_connections: int = 256
+    request_timeout: float = 10.0
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value < float("inf"):
+                raise ValueError(f"{field.name} must be a positive number, got {value!r}")
 
 
 class _Session:
-    def __init__(self, model):
+    def __init__(self, model, client):
         self.stream = model.stream(1)
         self.lock = threading.Lock()
+        self.client = client  # the IP address that created it
+        self.last_used = time.monotonic()
 
 
 class BadRequest(Exception):
@@ -55,56 +138,129 @@ class BadRequest(Exception):
 
 
 class Service:
-    """The sessions of one model; the HTTP handler calls these methods."""
+    """The sessions of one model; the HTTP handler calls these methods.
 
-    def __init__(self, model, max_sessions=1000):
+    Parameters
+    ----------
+    model : numlstm.LSTM
+        Unidirectional; shared read-only by every session's stream.
+    limits : Limits, optional
+        The caps on sessions and steps; ``Limits()`` when omitted.
+    """
+
+    def __init__(self, model, limits=None):
         if model.bidirectional:
             raise ValueError("a bidirectional model cannot stream; serve a unidirectional one")
         self.model = model
-        self.max_sessions = max_sessions
+        self.limits = limits or Limits()
         self.sessions = {}
         self.lock = threading.Lock()
 
-    def create(self):
+    def _expired(self, session, now):
+        # A session stepping right now is in use, however long it has run.
+        return now - session.last_used > self.limits.session_ttl and not session.lock.locked()
+
+    def expire(self):
+        """End every session unused for ``session_ttl`` seconds; how many ended."""
+        now = time.monotonic()
         with self.lock:
-            if len(self.sessions) >= self.max_sessions:
+            old = [sid for sid, s in self.sessions.items() if self._expired(s, now)]
+            for sid in old:
+                del self.sessions[sid]
+        return len(old)
+
+    def create(self, client=""):
+        """A new session for ``client`` (an IP address); 429 past either cap."""
+        self.expire()  # free what idle clients hold before refusing anyone
+        lim = self.limits
+        with self.lock:
+            if len(self.sessions) >= lim.max_sessions:
                 raise BadRequest(HTTPStatus.TOO_MANY_REQUESTS,
-                                 f"at most {self.max_sessions} sessions; end one first")
+                                 f"at most {lim.max_sessions} sessions; end one first")
+            if sum(s.client == client for s in self.sessions.values()) \
+                    >= lim.max_sessions_per_client:
+                raise BadRequest(HTTPStatus.TOO_MANY_REQUESTS,
+                                 f"at most {lim.max_sessions_per_client} sessions per client; "
+                                 f"end one first (unused ones end after {lim.session_ttl:g} s)")
             sid = uuid.uuid4().hex
-            self.sessions[sid] = _Session(self.model)
+            self.sessions[sid] = _Session(self.model, client)
         return {"session": sid}
 
     def _get(self, sid):
+        now = time.monotonic()
         with self.lock:
             session = self.sessions.get(sid)
+            if session is not None and self._expired(session, now):
+                del self.sessions[sid]
+                session = None
+            if session is not None:
+                session.last_used = now  # so that a sweep cannot end it under this request
         if session is None:
-            raise BadRequest(HTTPStatus.NOT_FOUND, f"no session {sid}")
+            raise BadRequest(HTTPStatus.NOT_FOUND, f"no session {sid} (ended, or unused for "
+                             f"over {self.limits.session_ttl:g} s)")
         return session
+
+    def _inputs(self, body):
+        """``body["x"]`` as a (steps, I) array of the model's dtype, or BadRequest.
+
+        The JSON's types are checked before NumPy sees it: ``np.asarray`` would
+        take ``true`` and ``"1e3"`` as numbers.
+        """
+        I, O = self.model.input_size, self.model.output_size
+        if not isinstance(body, dict) or "x" not in body:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, 'body must be a JSON object with "x"')
+        x = body["x"]
+        rows = x if isinstance(x, list) and x and isinstance(x[0], list) else [x]
+        lim = self.limits
+        if len(rows) > lim.max_steps:
+            raise BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"at most {lim.max_steps} steps per request, got {len(rows)}")
+        reply_bound = len(rows) * (REPLY_BYTES_PER_NUMBER * O + 4) + 16
+        if reply_bound > lim.max_reply_bytes:
+            raise BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"{len(rows)} steps of {O} outputs could reply with "
+                             f"{reply_bound} bytes, over {lim.max_reply_bytes}; send fewer steps "
+                             f"per request")
+        for row in rows:
+            if not isinstance(row, list) or len(row) != I:
+                raise BadRequest(HTTPStatus.BAD_REQUEST,
+                                 f"x must be {I} numbers or a list of steps of {I} numbers")
+            for v in row:
+                if v.__class__ is not float and v.__class__ is not int:  # bool is not int here
+                    raise BadRequest(HTTPStatus.BAD_REQUEST, f"x must hold numbers only, got "
+                                     f"{_JSON_TYPES.get(v.__class__, 'a list')}")
+        try:
+            x = np.array(rows, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64
+            raise BadRequest(HTTPStatus.BAD_REQUEST,
+                             "x must hold numbers only (within float range)") from None
+        # Finite in float64 is not enough: 1e39 becomes inf in float32.
+        dtype = self.model.dtype
+        with np.errstate(over="ignore"):
+            x = x.astype(dtype)
+        if not np.isfinite(x).all():
+            raise BadRequest(HTTPStatus.BAD_REQUEST,
+                             f"x must be finite as {np.dtype(dtype).name} "
+                             f"(|x| <= {np.finfo(dtype).max:.4g})")
+        return x
 
     def step(self, sid, body):
         session = self._get(sid)
-        I = self.model.input_size
-        if not isinstance(body, dict) or "x" not in body:
-            raise BadRequest(HTTPStatus.BAD_REQUEST, 'body must be a JSON object with "x"')
-        try:
-            x = np.asarray(body["x"], dtype=np.float64)
-        except (TypeError, ValueError, OverflowError, RecursionError):
-            raise BadRequest(HTTPStatus.BAD_REQUEST,
-                             "x must hold numbers only (within float range)") from None
-        if x.ndim == 1:
-            x = x[None]
-        if x.ndim != 2 or x.shape[1] != I or x.shape[0] < 1:
-            raise BadRequest(HTTPStatus.BAD_REQUEST,
-                             f"x must be {I} numbers or a list of steps of {I} numbers, "
-                             f"got shape {list(x.shape)}")
-        if not np.all(np.isfinite(x)):
-            raise BadRequest(HTTPStatus.BAD_REQUEST, "x must be finite")
-        x = x.astype(self.model.dtype)
-        out = []
+        x = self._inputs(body)
+        out = np.empty((len(x), self.model.output_size), dtype=self.model.dtype)
         with session.lock:
-            for t in range(x.shape[0]):
-                out.append(session.stream.step(x[t:t + 1])[0].tolist())
-        return {"h": out}
+            before = session.stream.state
+            for t in range(len(x)):
+                out[t] = session.stream.step(x[t:t + 1])[0]
+            if not np.isfinite(out).all():
+                # Finite inputs could still overflow inside the model: keep the
+                # session usable rather than NaN for every later step.
+                session.stream.reset(before)
+                raise BadRequest(HTTPStatus.BAD_REQUEST,
+                                 "x is too large for the model (its output is not finite); "
+                                 "the session's state is unchanged")
+            session.last_used = time.monotonic()
+        return {"h": out.tolist()}
 
     def reset(self, sid):
         session = self._get(sid)
@@ -130,13 +286,39 @@ class Handler(BaseHTTPRequestHandler):
     # headers) waits for the client's delayed ACK, ~40 ms per request on a
     # kept-alive connection.
     disable_nagle_algorithm = True
-    timeout = IDLE_TIMEOUT  # a stalled client frees its thread
+
+    def setup(self):
+        # Each socket operation times out too: a backstop for the deadline,
+        # which the server's loop enforces every quarter second.
+        self.timeout = self.server.limits.request_timeout
+        super().setup()
 
     def log_message(self, fmt, *args):  # quiet; errors reach the client
         pass
 
+    def handle_one_request(self):
+        # The request's deadline starts now, while the connection waits for it.
+        self.server.connections.waiting(self.connection)
+        try:
+            super().handle_one_request()
+        except OSError:  # the client left, or the server closed it at its deadline
+            self.close_connection = True
+
+    def parse_request(self):
+        if not super().parse_request():
+            return False  # http.server has sent the error
+        if self.request_version == "HTTP/0.9":  # its reply would carry no status line
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+            return False
+        return True
+
     def _reply(self, status, payload=None, close=False):
-        body = b"" if payload is None else json.dumps(payload).encode()
+        self.server.connections.replying(self.connection)
+        try:
+            body = b"" if payload is None else json.dumps(payload, allow_nan=False).encode()
+        except ValueError:  # NaN or inf: strict JSON parsers reject them, so never send them
+            status, close = HTTPStatus.INTERNAL_SERVER_ERROR, True
+            body = b'{"error": "internal error: a reply held a non-finite number"}'
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -158,20 +340,32 @@ class Handler(BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"  # so that the status line is written
         self._reply(status, {"error": message or status.phrase}, close=True)
 
+    def _content_length(self):
+        """The body's length, refusing any header a proxy in front could read
+        differently (request smuggling: the rest of a body taken for a request)."""
+        h = self.headers
+        if h.defects or h.get_payload():  # e.g. "Name : value" ends the headers early
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "malformed header line")
+        if any("\n" in v for v in h.values()):
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "folded header lines are not accepted")
+        if "Transfer-Encoding" in h:
+            raise BadRequest(HTTPStatus.NOT_IMPLEMENTED,
+                             "Transfer-Encoding is not supported; send Content-Length")
+        lengths = h.get_all("Content-Length", [])
+        if len(lengths) > 1:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "more than one Content-Length")
+        if not lengths:
+            return 0
+        if not _LENGTH.fullmatch(lengths[0].strip(" \t")):
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "bad Content-Length: digits only")
+        return int(lengths[0])
+
     def _body(self):
         """The request's JSON body (None when empty). Read for every method, so
         that a kept-alive connection stays in step; ``self._body_read`` says
         whether the body left the stream (if not, the reply closes the
         connection)."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise BadRequest(HTTPStatus.LENGTH_REQUIRED,
-                             "chunked bodies are not supported; send Content-Length")
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise BadRequest(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
-        if length < 0:
-            raise BadRequest(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+        length = self._content_length()
         if length > MAX_BODY:
             if length <= MAX_DRAIN:  # read and drop it: the client then reads the 413
                 while length > 0:
@@ -182,12 +376,18 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                              f"body over {MAX_BODY} bytes")
         raw = self.rfile.read(length) if length > 0 else b""
+        if len(raw) < length:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
         self._body_read = True
+        # The request is in: the client's clock stops while the server steps.
+        self.server.connections.busy(self.connection)
         if not raw:
             return None
         try:
             return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # ValueError: malformed JSON, or an integer over Python's 4,300-digit
+        # limit on int(str), which json raises as a plain ValueError.
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise BadRequest(HTTPStatus.BAD_REQUEST, "body is not valid JSON") from None
 
     def _dispatch(self, method):
@@ -208,13 +408,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/health" and method == "GET":
             return self._reply(HTTPStatus.OK, service.health())
         if self.path == "/sessions" and method == "POST":
-            return self._reply(HTTPStatus.CREATED, service.create())
+            return self._reply(HTTPStatus.CREATED, service.create(self.client_address[0]))
         if self.path in ("/health", "/sessions"):
             raise BadRequest(HTTPStatus.METHOD_NOT_ALLOWED,
                              f"{method} is not allowed on {self.path}")
         match = _SESSION.match(self.path)
         if match is None:
-            raise BadRequest(HTTPStatus.NOT_FOUND, f"no such path {self.path}")
+            raise BadRequest(HTTPStatus.NOT_FOUND, f"no such path {self.path[:200]}")
         sid, action = match.groups()
         if method == "POST" and action == "/step":
             return self._reply(HTTPStatus.OK, service.step(sid, body))
@@ -243,31 +443,225 @@ class Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
 
+class _Connections:
+    """The open connections, each with its deadline and whether it may be
+    evicted. A connection is in one of three phases:
+
+    - waiting for a request or reading it: a deadline, evictable;
+    - busy (stepping): no deadline, not evictable;
+    - replying: a deadline (a client that does not read), not evictable.
+
+    Parameters
+    ----------
+    limit : int
+        Connections open at once.
+    timeout : float
+        Seconds to send a request in all, and again to take the reply.
+    """
+
+    def __init__(self, limit, timeout):
+        self.limit, self.timeout = limit, timeout
+        self._open = {}  # socket -> [deadline, evictable]
+        self._lock = threading.Lock()
+
+    def add(self, sock):
+        """Register a new connection; at the limit, evict the waiting one whose
+        deadline is nearest (it would be closed soonest anyway). False when
+        every connection is busy on a request: refuse this one."""
+        with self._lock:
+            if len(self._open) >= self.limit:
+                waiting = [(d, s) for s, (d, evictable) in self._open.items() if evictable]
+                if not waiting:
+                    return False
+                self._close(min(waiting, key=lambda w: w[0])[1])
+            self._open[sock] = [time.monotonic() + self.timeout, True]
+        return True
+
+    def _set(self, sock, deadline, evictable):
+        with self._lock:
+            if sock in self._open:  # not closed meanwhile
+                self._open[sock] = [deadline, evictable]
+
+    def waiting(self, sock):
+        self._set(sock, time.monotonic() + self.timeout, True)
+
+    def busy(self, sock):
+        self._set(sock, float("inf"), False)
+
+    def replying(self, sock):
+        self._set(sock, time.monotonic() + self.timeout, False)
+
+    def remove(self, sock):
+        with self._lock:
+            self._open.pop(sock, None)
+
+    def close_late(self):
+        """Close every connection past its deadline, however many bytes it sent."""
+        now = time.monotonic()
+        with self._lock:
+            for sock in [s for s, (deadline, _) in self._open.items() if deadline < now]:
+                self._close(sock)
+
+    def _close(self, sock):
+        # Under the lock, and only while registered: the handler's thread
+        # unregisters before it closes, so the descriptor cannot have been
+        # reused by another connection. Shutting down wakes that thread, which
+        # reads EOF (or fails to write) and closes the socket itself.
+        del self._open[sock]
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def __len__(self):
+        return len(self._open)
+
+
+_BUSY_BODY = b'{"error": "every connection is busy on a request; retry"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
 class Server(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` with bounded connections, request deadlines,
+    session expiry and a pause when out of descriptors."""
+
     daemon_threads = True
     # The listen backlog: socketserver's default of 5 drops the SYNs of a burst
     # of new connections, which then wait 1 s to retry.
     request_queue_size = 128
+    _backoff = 0.0  # seconds the last accept that ran out of descriptors waited
+    _next_sweep = 0.0
+
+    def get_request(self):
+        try:
+            request = super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # The connection stays queued and the socket readable: retrying
+                # at once would spin a core. Wait for a connection to close,
+                # longer each time (up to 1 s).
+                self._backoff = min(max(2 * self._backoff, 0.01), 1.0)
+                time.sleep(self._backoff)
+            raise  # socketserver drops the attempt and selects again
+        self._backoff = 0.0
+        return request
+
+    def process_request(self, request, client_address):
+        if not self.connections.add(request):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)  # a thread for the connection
+
+    def shutdown_request(self, request):
+        self.connections.remove(request)
+        super().shutdown_request(request)
+
+    def service_actions(self):
+        """Between accepts (at least every poll interval, 0.5 s): close late
+        connections, end unused sessions; at most four times a second."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + 0.25
+            self.connections.close_late()
+            self.service.expire()
 
 
-def make_server(model, host="127.0.0.1", port=0, max_sessions=1000):
-    """A ready ``ThreadingHTTPServer`` (port 0: any free port; see ``server_address``)."""
+def descriptor_room():
+    """Connections the descriptor limit (``ulimit -n``) leaves room for, or None
+    when there is no limit to read."""
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1, soft - FD_RESERVE)
+
+
+def make_server(model, host="127.0.0.1", port=0, **limits):
+    """A ready server (port 0: any free port; see ``server_address``).
+
+    Parameters
+    ----------
+    model : numlstm.LSTM
+        The model to serve (unidirectional).
+    host, port : str, int
+        Where to listen.
+    **limits
+        Fields of ``Limits`` (``max_sessions=200``, ``request_timeout=2.0``,
+        ...); the others keep their defaults. ``max_connections`` is lowered
+        to ``descriptor_room()``.
+
+    Returns
+    -------
+    Server
+        Call ``serve_forever()``; ``server.service`` holds the sessions and
+        ``server.connections.limit`` the connection bound in force.
+    """
+    limits = Limits(**limits)
+    service = Service(model, limits)  # first: a bidirectional model fails before binding
+    # Compile the kernels now, not on the first client's step.
+    model.stream(1).step(np.zeros((1, model.input_size), model.dtype))
+    room = descriptor_room()
     server = Server((host, port), Handler)
-    server.daemon_threads = True
-    server.service = Service(model, max_sessions)
+    server.limits = limits
+    server.service = service
+    server.connections = _Connections(
+        limits.max_connections if room is None else min(limits.max_connections, room),
+        limits.request_timeout)
     return server
 
 
+def _port(text):
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535 (0: any free port), got {text!r}")
+    return port
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
 def main(argv=None):
+    d = Limits()
     p = argparse.ArgumentParser(description="Serve a saved numlstm model over HTTP.")
     p.add_argument("model", help="a model file written by numlstm.save")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-sessions", type=int, default=1000)
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--max-sessions", type=_positive(int), default=d.max_sessions)
+    p.add_argument("--max-sessions-per-client", type=_positive(int),
+                   default=d.max_sessions_per_client, help="per IP address")
+    p.add_argument("--session-ttl", type=_positive(float), default=d.session_ttl,
+                   help="seconds an unused session lives")
+    p.add_argument("--max-steps", type=_positive(int), default=d.max_steps,
+                   help="steps per request")
+    p.add_argument("--max-reply-bytes", type=_positive(int), default=d.max_reply_bytes)
+    p.add_argument("--max-connections", type=_positive(int), default=d.max_connections,
+                   help=f"lowered to the descriptor limit less {FD_RESERVE}")
+    p.add_argument("--request-timeout", type=_positive(float), default=d.request_timeout,
+                   help="seconds per request in all")
     args = p.parse_args(argv)
+    limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}
     try:
         model = numlstm.load(args.model)
-        server = make_server(model, args.host, args.port, args.max_sessions)
+        server = make_server(model, args.host, args.port, **limits)
     except (OSError, ValueError) as e:
         print(f"service: error: {e}", file=sys.stderr)
         return 1
