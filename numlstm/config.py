@@ -28,9 +28,10 @@ CACHE = os.environ.get("NUMLSTM_NO_CACHE", "") == ""
 # threads them itself.
 
 # Per-step products of a CSR weight (streams and recurrences, B < STEP_MAX_B)
-# run from an execution layout chosen per weight (numlstm.layouts): "auto"
-# picks the cheapest by the cost model below; "sell", "dense" or "csr" forces
-# one for every weight (environment: NUMLSTM_STEP_LAYOUT).
+# run from an execution layout chosen per weight (numlstm.layouts.build):
+# "auto" picks the cheapest by the cost model below; "windows", "sell",
+# "dense" or "csr" forces one where it applies (environment:
+# NUMLSTM_STEP_LAYOUT).
 STEP_LAYOUT = os.environ.get("NUMLSTM_STEP_LAYOUT", "auto")
 # Below this batch the per-step products use the execution layout; from it on,
 # the CSR panel kernels (eight rows of x per stored weight) are faster.
@@ -42,14 +43,22 @@ SELL_SIGMA = None
 # Whether a quantized (float16 / int8) CSR weight may run from a dense copy in
 # the model's dtype: off, since it would undo the bytes quantization saved.
 DENSE_FOR_QUANTIZED = False
-# ns per element of one product with one row of x, by ISA: "sell" per SELL
-# lane (padding included) plus "slice" per slice; "dense" per entry of R*K;
-# "csr" per stored value plus "row" per row. Measured with
-# benchmarks/layout_costs.py on a Xeon (Emerald Rapids, AVX-512) and on an
-# EPYC (AVX2); only their ratios matter.
+# A quantized weight is stored as its layout (values never change): "auto"
+# takes only layouts at most this fraction larger than its CSR arrays. SELL's
+# padding is 1-2% after sorting rows; the windowed layout's is ~2x, so a
+# quantized weight keeps the bytes it was quantized for and runs on gathers.
+QUANTIZED_LAYOUT_SLACK = 0.1
+# ns of one product with one row of x, by ISA: per lane of a layout's entries
+# (padding included), per window or slice, per dense entry, per CSR value and
+# row; times "beyond_l2" for a layout that does not fit in L2. Fitted with
+# benchmarks/layout_costs.py on a Xeon (Emerald Rapids, AVX-512); the AVX2
+# figures are estimates (gathers and permutes 8 lanes wide). Only their
+# ratios matter.
 STEP_COSTS = {
-    "avx512": {"sell": 0.12, "slice": 2.0, "dense": 0.035, "csr": 0.45, "row": 3.0},
-    "avx2": {"sell": 0.35, "slice": 2.0, "dense": 0.065, "csr": 0.45, "row": 3.0},
+    "avx512": {"window_lane": 0.08, "window": 2.3, "sell_lane": 0.3, "slice": 2.0,
+               "dense": 0.055, "csr": 0.45, "row": 3.0, "beyond_l2": 2.5},
+    "avx2": {"window_lane": 0.12, "window": 2.3, "sell_lane": 0.45, "slice": 2.0,
+             "dense": 0.065, "csr": 0.45, "row": 3.0, "beyond_l2": 2.5},
 }
 
 # Batched kernels (input projections over all T*B rows, weight-gradient SDDMM)

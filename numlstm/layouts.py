@@ -1,60 +1,107 @@
 """Execution layouts: how a stored CSR weight is laid out for the per-step kernels.
 
-The user's weight stays scipy CSR (``state_dict``, ``save``, pruning and the
-batched products of a whole sequence use it). The per-step products of a
-stream or a recurrence, one row of x (or a few) against the whole weight, run
-faster from a layout derived from it once, chosen per weight by a cost model:
+The user's weight stays scipy CSR (``state_dict``, ``save``, pruning, and the
+batched products of a whole sequence and of training use it). The per-step
+products of a stream or a recurrence at small batch, one row of x against the
+whole weight, run faster from a layout derived from it once, chosen per
+weight by a cost model (``build``):
 
-* ``sell``: SELL-C-sigma (Kreutzer et al. 2014). Rows sorted by their length
-  (within windows of sigma rows) are cut into slices of C = ``SELL_LANES``
-  rows; a slice stores its rows' k-th values side by side, padded to its
-  longest row, so the kernel runs C rows per vector multiply-add with the C
-  inputs fetched by one gather from L1. Equal row lengths (``per_row``
-  pruning) need no padding at all.
-* ``dense``: a dense copy of the weight, when it is dense enough that reading
-  every entry costs less than gathering the stored ones (50% sparsity).
+* ``windows`` (``SellWindows``): SELL slices whose entries each stay inside
+  one window of 32 columns (8 on AVX2), so the inputs come from one register
+  permute; cheapest for the small inputs of an LSTM (K <= ~512) at 80-95%
+  sparsity, float32 only.
+* ``sell`` (``Sell``): SELL-C-sigma (Kreutzer et al. 2014). Rows sorted by
+  length are cut into slices of C = ``SELL_LANES`` rows; a slice stores its
+  rows' k-th values side by side, padded to its longest row, and the kernel
+  runs C rows per vector multiply-add, the C inputs fetched by one gather.
+  Equal row lengths (``per_row`` pruning) need no padding at all.
+* ``dense`` (``weights.Dense``): a dense copy, when reading every entry costs
+  less than fetching the stored ones (50% sparsity).
 * ``csr``: the CSR arrays themselves (row loops), when nothing beats them.
 
-The layout holds a copy of the values: ``refresh`` copies them again after an
-in-place update (the model calls it when its version changes, forward does it
-on entry). Its bytes are counted by ``nbytes`` (``weight_bytes`` and
-``memory_report`` include them).
+A layout holds a copy of the values: ``refresh`` copies them again after an
+in-place update (``LSTM.refresh_layouts``). A quantized weight, never updated,
+keeps only its layout (``weights.CSR``). The bytes are counted in
+``weight_bytes`` and ``memory_report`` (their "layout" part).
 """
+
+import os
 
 import numpy as np
 
 from numlstm import config
 from numlstm.kernels import sell as K_
-from numlstm.kernels.vector_ir import SELL_LANES
+from numlstm.kernels.vector_ir import SELL_LANES, WINDOW, WINDOW_PAD
 
-KINDS = ("sell", "dense", "csr")
+KINDS = ("windows", "sell", "dense", "csr")
 
 
-def costs(weight, lanes=SELL_LANES):
-    """Estimated ns of one product with one row of x, per layout kind.
+def _l2_bytes():
+    """This core's L2 cache in bytes (1 MiB when the system does not say)."""
+    try:
+        return os.sysconf("SC_LEVEL2_CACHE_SIZE") or 2**20
+    except (ValueError, OSError):
+        return 2**20
 
-    From the padded SELL size (``sell_padded``), R*K and nnz, with the per-
-    element costs of ``config.STEP_COSTS`` (measured per ISA: see there).
+
+L2_BYTES = _l2_bytes()
+
+
+def build(weight, forced=None):
+    """The per-step execution layout of the CSR ``weight``: a ``SellWindows``,
+    ``Sell``, dense copy (``weights.Dense``) or None (use the CSR arrays).
+
+    ``forced`` (default ``config.STEP_LAYOUT``) names a kind, or "auto": the
+    cheapest by ``cost``; for a quantized weight, whose layout replaces its
+    arrays, only among those at most ``config.QUANTIZED_LAYOUT_SLACK`` larger
+    than the CSR arrays (so ``sell``, not ``windows``). A kind that cannot
+    hold the weight (``windows``
+    needs float32 inputs and an AVX2 or AVX-512 CPU; ``dense`` a float value
+    kind unless ``config.DENSE_FOR_QUANTIZED``) falls back to "auto".
     """
+    from numlstm.weights import Dense
+
+    candidates = {"sell": lambda: Sell(weight.data, weight.indices, weight.indptr,
+                                       weight.shape),
+                  "csr": lambda: None}
+    quantized = weight.value_type in ("float16", "int8")
+    if WINDOW and weight.dtype == np.float32:
+        candidates["windows"] = lambda: SellWindows(
+            weight.data, weight.indices, weight.indptr, weight.shape, weight.scales)
+    if not quantized or config.DENSE_FOR_QUANTIZED:
+        candidates["dense"] = lambda: Dense(weight.public().toarray())
+    kind = forced or config.STEP_LAYOUT
+    if kind in candidates:
+        return candidates[kind]()
+    built = {k: make() for k, make in candidates.items()}
+    if quantized:  # the layout replaces the stored arrays: it must not cost bytes
+        stored = sum(a.nbytes for a in (weight.data, weight.indices, weight.indptr)
+                     if a is not None)
+        limit = stored * (1 + config.QUANTIZED_LAYOUT_SLACK)
+        built = {k: v for k, v in built.items() if v is None or v.nbytes <= limit}
+    est = {k: cost(weight, layout) for k, layout in built.items()}
+    return built[min(est, key=est.get)]
+
+
+def cost(weight, layout):
+    """Estimated ns of one product with one row of x through ``layout``
+    (as ``build`` returns it), from its sizes and ``config.STEP_COSTS``.
+
+    Measured per ISA (``benchmarks/layout_costs.py``); what matters is their
+    ratios. A layout larger than L2 is streamed from L3 at ``beyond_l2``
+    times the cost.
+    """
+    c = config.STEP_COSTS["avx512" if SELL_LANES == 16 else "avx2"]
     R, K = weight.shape
-    c = config.STEP_COSTS["avx512" if lanes == 16 else "avx2"]
-    lens = np.diff(weight.indptr.astype(np.int64))
-    entries = sell_entries(lens, lanes, config.SELL_SIGMA or R)
-    quantized = weight.values.dtype.kind != "f" or weight.values.dtype.itemsize < 4
-    return {"sell": entries * lanes * c["sell"] + (R // lanes + 1) * c["slice"],
-            "dense": R * K * c["dense"] + (np.inf if quantized and
-                                           not config.DENSE_FOR_QUANTIZED else 0),
-            "csr": lens.sum() * c["csr"] + R * c["row"]}
-
-
-def choose(weight):
-    """The layout kind for ``weight``'s per-step products: ``config.STEP_LAYOUT``
-    when it forces one, else the cheapest by ``costs``."""
-    forced = config.STEP_LAYOUT
-    if forced != "auto":
-        return forced
-    est = costs(weight)
-    return min(KINDS, key=lambda k: est[k])
+    if layout is None:
+        return weight.nnz * c["csr"] + R * c["row"]
+    slow = c["beyond_l2"] if layout.nbytes > L2_BYTES else 1.0
+    if isinstance(layout, SellWindows):
+        windows = layout.table.shape[0] * (layout.table.shape[1] - 1 - SELL_LANES)
+        return layout.data.size * c["window_lane"] * slow + windows * c["window"]
+    if isinstance(layout, Sell):
+        return layout.data.size * c["sell_lane"] * slow + layout.slices.shape[0] * c["slice"]
+    return R * K * c["dense"] * slow
 
 
 def _order(lens, sigma):
@@ -62,14 +109,6 @@ def _order(lens, sigma):
     R = lens.shape[0]
     window = np.arange(R) // max(int(sigma), 1)
     return np.lexsort((np.arange(R), -lens, window))
-
-
-def sell_entries(lens, lanes, sigma):
-    """Entries (vectors of ``lanes`` values) of the SELL layout of these row lengths."""
-    order = _order(lens, sigma)
-    padded = np.zeros(-(-lens.shape[0] // lanes) * lanes, np.int64)
-    padded[:lens.shape[0]] = lens[order]
-    return int(padded.reshape(-1, lanes).max(axis=1).sum())
 
 
 def _bits(a):
@@ -135,3 +174,98 @@ class Sell:
     @property
     def nbytes(self):
         return self.data.nbytes + self.indices.nbytes + self.slices.nbytes
+
+
+class SellWindows:
+    """Windowed SELL: the SELL-C-sigma slices, each entry's C values confined
+    to one window of ``WINDOW`` consecutive columns (32 on AVX-512, 8 on AVX2).
+
+    The kernel then fetches the C inputs an entry meets with one register
+    permute of the window (``vpermi2ps`` / ``vpermps``) instead of a gather:
+    a slice's entries are grouped by window, as many per window as its lane
+    with the most stored values there; padding entries have value 0 and a
+    local column >= ``WINDOW_PAD``. More entries than plain SELL (a row's
+    values in a window are padded to the slice's most), each far cheaper.
+
+    Attributes
+    ----------
+    data : array (E, C)
+        Values (the weight's value type; float16 as is, int8).
+    indices : array (E, C) uint8
+        Column within the entry's window (>= ``WINDOW_PAD``: padding).
+    table : array (nslices, nwin + 1 + C) int32
+        Per slice: the first entry of each window and the slice's end, then
+        the row of each lane (-1: none).
+    lane_scales : array (nslices, C) float32
+        int8 values: each lane's row scale; (0, 0) otherwise.
+    """
+
+    kind = "windows"
+
+    def __init__(self, values, indices, indptr, shape, scales=None, lanes=SELL_LANES,
+                 sigma=None):
+        R, K = shape
+        C, WW = lanes, WINDOW
+        nwin = max(-(-K // WW), 1)
+        lens = np.diff(indptr.astype(np.int64))
+        order = _order(lens, sigma or R)
+        nslices = -(-R // C)
+        slot = np.empty(R, np.int64)
+        slot[order] = np.arange(R)
+        row_of = np.repeat(np.arange(R), lens)
+        cols = indices.astype(np.int64)
+        key = row_of * nwin + cols // WW  # (row, window) of each stored value, sorted
+        counts = np.bincount(key, minlength=R * nwin).reshape(R, nwin)
+        lane_counts = np.zeros((nslices * C, nwin), np.int64)
+        lane_counts[:R] = counts[order]
+        per_window = lane_counts.reshape(nslices, C, nwin).max(axis=1)  # (nslices, nwin)
+        offsets = np.concatenate([[0], np.cumsum(per_window.reshape(-1))])
+        self.table = np.empty((nslices, nwin + 1 + C), np.int32)
+        starts = np.arange(nslices)[:, None] * nwin + np.arange(nwin + 1)[None, :]
+        self.table[:, :nwin + 1] = offsets[starts]
+        rows = np.full(nslices * C, -1, np.int64)
+        rows[:R] = order
+        self.table[:, nwin + 1:] = rows.reshape(nslices, C)
+        # Each value's rank among its row's values in its window.
+        new = np.ones(key.shape[0], bool)
+        new[1:] = key[1:] != key[:-1]
+        first = np.maximum.accumulate(np.where(new, np.arange(key.shape[0]), 0))
+        s, lane = np.divmod(slot[row_of], C)
+        pos = (offsets[s * nwin + cols // WW] + np.arange(key.shape[0]) - first) * C + lane
+        E = int(offsets[-1])
+        self.indices = np.full((E, C), WINDOW_PAD, np.uint8)
+        self.indices.reshape(-1)[pos] = cols % WW
+        self.data = np.zeros((E, C), values.dtype)
+        self.data.reshape(-1)[pos] = values
+        self._indptr = indptr
+        self.lane_scales = np.zeros((0, 0), np.float32)
+        if scales is not None:
+            self.lane_scales = np.ones(nslices * C, np.float32)
+            self.lane_scales[:R] = scales[order].astype(np.float32)
+            self.lane_scales = self.lane_scales.reshape(nslices, C)
+
+    def refresh(self, values):
+        """Copy the weight's current values (nnz,) into the layout."""
+        K_.window_scatter(_bits(self.data), _bits(values), self._indptr, self.indices,
+                          self.table, WINDOW_PAD)
+
+    def csr_values(self):
+        """The values in CSR order (nnz,): a new array."""
+        out = np.empty(int(self._indptr[-1]), self.data.dtype)
+        K_.window_gather(_bits(out), _bits(self.data), self._indptr, self.indices, self.table,
+                         WINDOW_PAD)
+        return out
+
+    def csr_indices(self, dtype):
+        """The column indices in CSR order (nnz,) as ``dtype``: a new array."""
+        out = np.empty(int(self._indptr[-1]), np.int64)
+        K_.window_columns(out, self._indptr, self.indices, self.table, WINDOW, WINDOW_PAD)
+        return out.astype(dtype)
+
+    @property
+    def nbytes(self):
+        return (self.data.nbytes + self.indices.nbytes + self.table.nbytes
+                + self.lane_scales.nbytes)
+
+
+SELL_KINDS = (Sell, SellWindows)  # layouts that hold the values in slices

@@ -181,7 +181,7 @@ class CSR(_Weight):
             w0, kdata = self._no_dense, data
         self._args = (w0, kdata, self._indices, self.indptr)
         self._step = self._build_step()  # (layout, its kernel arguments)
-        if not self.trainable and isinstance(self._step[0], layouts.Sell):
+        if not self.trainable and isinstance(self._step[0], layouts.SELL_KINDS):
             self._args = self._step[1]  # batched products run on the layout too
             self._data = self._indices = None
 
@@ -218,26 +218,28 @@ class CSR(_Weight):
         """As for every kind, plus ``layout``: the per-step execution layout's copy
         (0 when the per-step products read the CSR arrays themselves). When the
         SELL layout is the storage, values and indices are its arrays (padding
-        included) and ``layout`` its slice table."""
+        included) and ``layout`` the rest of it (slice table, lane scales)."""
         layout = self._step[0]
         if self._data is None:
             return {"values": layout.data.nbytes, "indices": layout.indices.nbytes,
                     "indptr": self.indptr.nbytes, "scales": self.scales.nbytes
-                    if self.scales is not None else 0, "layout": layout.slices.nbytes}
+                    if self.scales is not None else 0,
+                    "layout": layout.nbytes - layout.data.nbytes - layout.indices.nbytes}
         return dict(super().nbytes_parts(), layout=0 if layout is self else layout.nbytes)
 
     def _build_step(self):
-        """Choose and build the per-step execution layout (``numlstm.layouts``):
-        a ``Sell`` layout, a ``Dense`` copy, or this CSR itself."""
-        kind = layouts.choose(self)
-        if kind == "sell":
-            sell = layouts.Sell(self.data, self.indices, self.indptr, self.shape)
-            w0, kdata = self._args[:2]  # kdata: how the kernels see the value type
-            return sell, (w0, sell.data.view(kdata.dtype), sell.indices, sell.slices)
-        if kind == "dense":
-            dense = Dense(self.public().toarray())
-            return dense, dense.kernel_args()
-        return self, self._args
+        """(layout, its kernel arguments) for per-step products: the layout
+        ``numlstm.layouts.build`` chooses, or this CSR itself."""
+        layout = layouts.build(self)
+        w0, kdata = self._args[:2]  # kdata: how the kernels see the value type
+        if layout is None:
+            return self, self._args
+        if isinstance(layout, Dense):
+            return layout, layout.kernel_args()
+        values = layout.data.view(kdata.dtype)
+        if isinstance(layout, layouts.SellWindows):
+            return layout, (layout.lane_scales, values, layout.indices, layout.table)
+        return layout, (w0, values, layout.indices, layout.slices)
 
     def step_layout(self):
         """The execution layout of per-step products: ``Sell``, ``Dense`` or self."""
@@ -252,7 +254,7 @@ class CSR(_Weight):
         layout = self._step[0]
         if self._data is None:  # the layout is the storage
             return
-        if isinstance(layout, layouts.Sell):
+        if isinstance(layout, layouts.SELL_KINDS):
             layout.refresh(self.data)
         elif isinstance(layout, Dense):
             layout.array[...] = self.public().toarray()

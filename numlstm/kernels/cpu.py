@@ -23,6 +23,10 @@ Conventions (docs/design.md, "3. Kernels"):
   (per-step layout of                         any CSR value kind  columns; indptr
   a CSR weight)                                                   (nslices, 2 + C)
                                                                   slice table
+  windowed SELL         int8: (nslices, C)    (E, C) values,      indices (E, C)
+  (float32 models)      float32 lane scales,  float32, float16    uint8 columns in
+                        else (0, 0) float32   bits or int8        the window;
+                                                                  indptr the table
   ====================  ====================  ==================  ===============
 
   Indices are sorted within each row. The SELL layout (``numlstm.layouts``) is
@@ -221,6 +225,10 @@ def _sparse_row(on, xn, w0, data, indices, indptr):
 
 @overload(_sparse_row, jit_options=_OPTS)
 def _sparse_row_overload(on, xn, w0, data, indices, indptr):
+    if data.ndim == 2 and indices.dtype == nbtypes.uint8:  # windowed SELL
+        # indptr holds the window table, w0 the int8 kind's lane scales
+        return lambda on, xn, w0, data, indices, indptr: \
+            V.sell_windows(on, xn, data, indices, indptr, w0)
     if data.ndim == 2:  # SELL-C-sigma: indptr holds the slice table
         scaled = data.dtype == nbtypes.int8  # w0: the float16 row scales (R, 1)
 

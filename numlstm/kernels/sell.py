@@ -41,3 +41,60 @@ def sell_gather(out, sell, indptr, slices):
                 k0 = indptr[r]
                 for j in range(indptr[r + 1] - k0):
                     out[k0 + j] = sell[e0 + j, lane]
+
+
+@njit(**_OPTS)
+def window_scatter(out, values, indptr, indices, table, pad):
+    """out (E, C) receives each CSR row's values (nnz,) in its windowed-SELL lane.
+
+    Row r in lane l of slice s walks its slice's entries window by window;
+    the entries whose local column ``indices[e, l]`` is below ``pad`` are its
+    stored values in CSR order (the layout keeps a row's values by column).
+    """
+    C = out.shape[1]
+    nwin = table.shape[1] - 1 - C
+    for s in range(table.shape[0]):
+        for lane in range(C):
+            r = table[s, nwin + 1 + lane]
+            if r < 0:
+                continue
+            k = indptr[r]
+            for e in range(table[s, 0], table[s, nwin]):
+                if indices[e, lane] < pad:
+                    out[e, lane] = values[k]
+                    k += 1
+
+
+@njit(**_OPTS)
+def window_gather(out, sell, indptr, indices, table, pad):
+    """The inverse of ``window_scatter``: out (nnz,) in CSR order."""
+    C = sell.shape[1]
+    nwin = table.shape[1] - 1 - C
+    for s in range(table.shape[0]):
+        for lane in range(C):
+            r = table[s, nwin + 1 + lane]
+            if r < 0:
+                continue
+            k = indptr[r]
+            for e in range(table[s, 0], table[s, nwin]):
+                if indices[e, lane] < pad:
+                    out[k] = sell[e, lane]
+                    k += 1
+
+
+@njit(**_OPTS)
+def window_columns(out, indptr, indices, table, window, pad):
+    """Global column indices out (nnz,) in CSR order from a windowed layout."""
+    C = indices.shape[1]
+    nwin = table.shape[1] - 1 - C
+    for s in range(table.shape[0]):
+        for lane in range(C):
+            r = table[s, nwin + 1 + lane]
+            if r < 0:
+                continue
+            k = indptr[r]
+            for w in range(nwin):
+                for e in range(table[s, w], table[s, w + 1]):
+                    if indices[e, lane] < pad:
+                        out[k] = w * window + indices[e, lane]
+                        k += 1

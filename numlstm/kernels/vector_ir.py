@@ -111,6 +111,17 @@ class _Emitter:
                                             f"llvm.masked.gather.{suffix}")
         return self.b.call(fn, operands)
 
+    def stack_save(self):
+        """Mark the stack (``stack_restore`` frees what was allocated since)."""
+        fn = cgutils.get_or_insert_function(
+            self.b.module, ir.FunctionType(ir.PointerType(ir.IntType(8)), []), "llvm.stacksave")
+        return self.b.call(fn, [])
+
+    def stack_restore(self, mark):
+        fn = cgutils.get_or_insert_function(
+            self.b.module, ir.FunctionType(ir.VoidType(), [mark.type]), "llvm.stackrestore")
+        self.b.call(fn, [mark])
+
     def broadcast(self, ptr, k):
         """ptr[k] in every lane."""
         undef = ir.Constant(self.vty, ir.Undefined)
@@ -209,12 +220,7 @@ def _panel_codegen(shape):
         e, b = _Emitter(context, builder, x_t.dtype), builder
         R = cgutils.unpack_tuple(b, out.shape)[1]
         K = cgutils.unpack_tuple(b, x.shape)[1]
-        i8p = ir.PointerType(ir.IntType(8))
-        save = cgutils.get_or_insert_function(b.module, ir.FunctionType(i8p, []),
-                                              "llvm.stacksave")
-        restore = cgutils.get_or_insert_function(
-            b.module, ir.FunctionType(ir.VoidType(), [i8p]), "llvm.stackrestore")
-        stack = b.call(save, [])
+        stack = e.stack_save()
         xt = b.alloca(e.vty.element, size=b.mul(K, _I64(LANES)))  # (K, 8)
         with cgutils.for_range(b, K) as col:
             for j in range(LANES):
@@ -281,7 +287,7 @@ def _panel_codegen(shape):
                 store_lanes(row_scale(e.total(slots), r), r)
 
         e.rows(indptr, indptr_t, row)
-        b.call(restore, [stack])
+        e.stack_restore(stack)
         return context.get_dummy_value()
     return codegen
 
@@ -341,6 +347,103 @@ def sell_rows(typingctx, on, xn, data, indices, slices):
             and indices.dtype in (nbtypes.uint16, nbtypes.int32)
             and slices.dtype == nbtypes.int32):
         return nbtypes.none(*arrays), _sell_codegen
+
+
+# Windowed SELL (``numlstm.layouts.SellWindows``): the inputs a vector of C
+# stored values meets all lie in one window of WINDOW consecutive columns, so
+# a register permute picks them (one instruction, no gather). AVX-512: two
+# registers, 32 columns (vpermi2ps); AVX2: one register, 8 columns (vpermps).
+_FEATURES = llvm.get_host_cpu_features()
+WINDOW = 2 * SELL_LANES if SELL_LANES == 16 else (8 if _FEATURES.get("avx2", False) else 0)
+WINDOW_PAD = 0x80  # a local column >= this marks a padding entry (value 0)
+
+
+def _permute(e, lo, idx, hi):
+    """The inputs of ``idx`` (C x i32, local columns) from the window's
+    registers lo (and hi: columns C .. 2C-1 on AVX-512)."""
+    b = e.b
+    if SELL_LANES == 16:
+        fn = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(e.vty, [e.vty, idx.type, e.vty]),
+            "llvm.x86.avx512.vpermi2var.ps.512")
+        return b.call(fn, [lo, idx, hi])
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(e.vty, [e.vty, idx.type]),
+                                        "llvm.x86.avx2.permps")
+    return b.call(fn, [lo, idx])
+
+
+def _window_codegen(context, builder, sig, args):
+    """on[rows] = W xn over a windowed SELL layout.
+
+    data (E, C), indices (E, C) uint8: entry e holds in lane l a value of the
+    slice's row l and its column within the entry's window (>= WINDOW_PAD:
+    padding); table (nslices, nwin + 1 + C) int32: per slice, the first entry
+    of each of its nwin windows and the end, then the output row of each lane
+    (-1: none); w0 (nslices, C) float32 lane scales for int8 values, else
+    empty. x is copied into a zero-padded stack buffer of nwin * WINDOW.
+    """
+    on, xn, data, indices, table, w0 = _arrays(context, builder, sig, args, 6)
+    _, x_t, data_t, _, table_t, _ = sig.args
+    C = SELL_LANES
+    e, b = _Emitter(context, builder, x_t.dtype, C), builder
+    stored = ir.VectorType(context.get_value_type(data_t.dtype), C)
+    cols_ty = ir.VectorType(ir.IntType(8), C)
+    nslices, width = cgutils.unpack_tuple(b, table.shape)
+    nwin = b.sub(width, _I64(1 + C))
+    K = cgutils.unpack_tuple(b, xn.shape)[0]
+    mark = e.stack_save()
+    xpad = b.alloca(e.vty.element, size=b.mul(nwin, _I64(WINDOW)))
+    with cgutils.for_range(b, b.mul(nwin, _I64(WINDOW))) as col:
+        inside = b.icmp_signed("<", col.index, K)
+        value = b.select(inside, b.load(b.gep(xn.data, [b.select(inside, col.index, _I64(0))])),
+                         ir.Constant(e.vty.element, 0))
+        b.store(value, b.gep(xpad, [col.index]))
+    slots = e.accumulators(CHAINS)
+    mask = ir.Constant(ir.VectorType(_I32, C), [WINDOW - 1] * C)
+
+    with cgutils.for_range(b, nslices) as sl:
+        row0 = b.mul(sl.index, width)
+        e.zero(slots)
+        with cgutils.for_range(b, nwin) as win:
+            start = e.index(table, table_t, b.add(row0, win.index))
+            stop = e.index(table, table_t, b.add(row0, b.add(win.index, _I64(1))))
+            base = b.mul(win.index, _I64(WINDOW))
+            lo = e.vector(xpad, base)
+            hi = e.vector(xpad, b.add(base, _I64(C))) if SELL_LANES == 16 else None
+
+            def entry(slot, k, lo=lo, hi=hi):
+                q = b.mul(k, _I64(C))
+                vals = b.load(b.bitcast(b.gep(data.data, [q]), stored.as_pointer()),
+                              align=data_t.dtype.bitwidth // 8)
+                cols = b.load(b.bitcast(b.gep(indices.data, [q]), cols_ty.as_pointer()), align=1)
+                idx = b.and_(b.zext(cols, ir.VectorType(_I32, C)), mask)
+                e.fma(slot, e.widened(vals, data_t.dtype), _permute(e, lo, idx, hi))
+
+            e.chained(start, stop, slots, entry)
+        acc = e.total(slots)
+        if data_t.dtype == nbtypes.int8:
+            scale = b.load(b.bitcast(b.gep(w0.data, [b.mul(sl.index, _I64(C))]),
+                                     e.vty.as_pointer()), align=4)
+            acc = b.fmul(acc, scale)
+        for lane in range(C):
+            r = b.load(b.gep(table.data, [b.add(row0, b.add(nwin, _I64(1 + lane)))]))
+            with b.if_then(b.icmp_signed(">=", r, ir.Constant(r.type, 0))):
+                b.store(b.extract_element(acc, _I64(lane)), b.gep(on.data, [b.sext(r, _I64)]))
+    e.stack_restore(mark)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def sell_windows(typingctx, on, xn, data, indices, table, w0):
+    """on (R,) = W xn (K,) for W in windowed SELL layout (see ``_window_codegen``)."""
+    arrays = (on, xn, data, indices, table, w0)
+    if (WINDOW and all(getattr(a, "layout", "") == "C" for a in arrays)
+            and xn.dtype == nbtypes.float32 and on.dtype == xn.dtype
+            and getattr(data, "ndim", 0) == 2 and getattr(indices, "ndim", 0) == 2
+            and data.dtype in (nbtypes.float32, nbtypes.uint16, nbtypes.int8)
+            and indices.dtype == nbtypes.uint8 and table.dtype == nbtypes.int32
+            and w0.dtype == nbtypes.float32):
+        return nbtypes.none(*arrays), _window_codegen
 
 
 def applies(*arrays):

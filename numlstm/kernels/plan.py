@@ -1,0 +1,63 @@
+"""One kernel call per stream step: every layer's arrays bound once in a StructRef.
+
+A ``Stream`` calls ``lstm_step`` for each layer. Called from Python, each call
+unboxes its ~19 arrays, and numba makes an NRT MemInfo for every one (about
+0.1 us each, and 38 heap allocations per step for two layers). Here the
+per-layer argument tuples are unboxed once, when the stream binds, into a
+``StepPlan`` (a numba StructRef whose single field is the tuple of layer
+tuples), and ``stream_step(plan)`` runs all layers in one call: no array
+crosses the boundary per step, so a step makes no NRT allocation.
+
+CPU only: a stream on the GPU launches its kernels per layer (they take device
+arrays, which cost no MemInfo of numba's CPU runtime).
+"""
+
+from numba import literal_unroll, njit
+from numba import types as nbtypes
+from numba.experimental import structref
+from numba.extending import overload
+
+from numlstm.kernels.cpu import _OPTS, lstm_step
+
+
+@structref.register
+class StepPlanType(nbtypes.StructRef):
+    def preprocess_fields(self, fields):
+        return tuple((name, nbtypes.unliteral(t)) for name, t in fields)
+
+
+class StepPlan(structref.StructRefProxy):
+    """The bound arguments of one stream step: ``layers``, a tuple with one
+    ``lstm_step`` argument tuple per layer (made by ``make_plan``)."""
+
+
+structref.define_boxing(StepPlanType, StepPlan)
+
+
+def _new_plan(layers):
+    """A StepPlan holding ``layers`` (jit code only)."""
+
+
+@overload(_new_plan, jit_options=_OPTS)
+def _new_plan_overload(layers):
+    plan_type = StepPlanType([("layers", layers)])
+
+    def impl(layers):
+        plan = structref.new(plan_type)
+        plan.layers = layers
+        return plan
+    return impl
+
+
+@njit(**_OPTS)
+def make_plan(layers):
+    """Bind ``layers`` (a tuple of ``lstm_step`` argument tuples, bottom layer
+    first) into a StepPlan; the arrays are shared, not copied."""
+    return _new_plan(layers)
+
+
+@njit(**_OPTS)
+def stream_step(plan):
+    """``lstm_step(*layer)`` for every layer of the plan, bottom first."""
+    for layer in literal_unroll(plan.layers):
+        lstm_step(*layer)

@@ -1,0 +1,127 @@
+"""Per-step execution layouts of CSR weights (numlstm.layouts) against dense NumPy."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
+
+import numlstm
+from numlstm import config, layouts
+from numlstm import weights as W
+from numlstm.kernels import cpu as K
+from numlstm.kernels.vector_ir import SELL_LANES, WINDOW
+from numlstm.quantize import quantize_weight
+
+FORCED = ["sell", "csr", "dense"] + (["windows"] if WINDOW else [])
+
+
+def _csr(rng, R, C, density, dtype, empty_rows):
+    m = sp.random_array((R, C), density=density, format="lil", dtype=dtype, rng=rng)
+    for r in empty_rows:
+        if r < R:
+            m[r, :] = 0
+    m = sp.csr_array(m)
+    m.eliminate_zeros()
+    m.sort_indices()
+    return W.from_value(m, "w", (R, C), dtype)
+
+
+# Row counts around multiples of the slice height, widths around the window.
+_rows = st.one_of(st.integers(1, 3 * SELL_LANES + 3), st.sampled_from([64, 130]))
+_cols = st.one_of(st.integers(1, 70), st.sampled_from([256, 300]))
+
+
+@given(_rows, _cols, st.sampled_from([0.0, 0.05, 0.1, 0.5, 1.0]),
+       st.sampled_from([np.float32, np.float64]), st.sampled_from([None, "float16", "int8"]),
+       st.sampled_from(["int32", "uint16"]), st.sets(st.integers(0, 40), max_size=8),
+       st.sampled_from(FORCED + ["auto"]), st.integers(1, 3), st.integers(0, 1000))
+def test_every_layout_multiplies_like_the_dense_matrix(R, C, density, dtype, values, index,
+                                                      empty, kind, N, seed):
+    """Slice remainders, empty rows and all-empty slices, both index types,
+    every value kind, and every layout the cost model may choose."""
+    rng = np.random.default_rng(seed)
+    saved = config.STEP_LAYOUT
+    config.STEP_LAYOUT = kind  # read when the weight is made
+    try:
+        weight = quantize_weight(_csr(rng, R, C, density, dtype, empty), values, index)
+    finally:
+        config.STEP_LAYOUT = saved
+    layout = weight.step_layout()
+    expect = {"sell": layouts.Sell, "windows": layouts.SellWindows, "csr": W.CSR,
+              "dense": W.Dense}
+    refused = (kind == "windows" and dtype != np.float32
+               or kind == "dense" and values is not None)
+    if kind != "auto" and not refused:
+        assert isinstance(layout, expect[kind])
+    x = rng.standard_normal((N, C)).astype(dtype)
+    out = np.full((N, R), np.nan, dtype)
+    K.matmul(out, x, *weight.step_args())
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, x @ weight.to_array().T, rtol=tol, atol=tol)
+
+
+@given(_rows, _cols, st.sampled_from([0.0, 0.1, 0.6]), st.sampled_from(["float16", "int8"]),
+       st.sets(st.integers(0, 40), max_size=8), st.integers(0, 1000))
+def test_quantized_weights_stored_as_a_layout_give_back_their_csr(R, C, density, values,
+                                                                  empty, seed):
+    rng = np.random.default_rng(seed)
+    csr = _csr(rng, R, C, density, np.float32, empty)
+    quantized = quantize_weight(csr, values, "uint16")
+    for layout in (layouts.Sell, layouts.SellWindows if WINDOW else layouts.Sell):
+        made = layout(quantized.data, quantized.indices, quantized.indptr, quantized.shape,
+                      *([quantized.scales] if layout is layouts.SellWindows else []))
+        np.testing.assert_array_equal(made.csr_values(), quantized.data)
+        np.testing.assert_array_equal(made.csr_indices(np.int32), quantized.indices)
+
+
+def test_a_trainable_layout_follows_in_place_updates():
+    """forward refreshes the layouts' copies; a stream after parameters()."""
+    m = numlstm.LSTM(6, 16, seed=0)
+    numlstm.prune.magnitude(m, 0.8)
+    assert any(isinstance(w.step_layout(), layouts.SELL_KINDS)
+               for w in m._weights().values())
+    x = np.random.default_rng(0).standard_normal((4, 1, 6)).astype(np.float32)
+    s = m.stream(1)
+    for name, p in m.parameters().items():
+        if name.startswith("weight"):
+            p *= -2.0
+    ref = numlstm.LSTM(6, 16)
+    ref.load_state_dict(m.state_dict())
+    y_ref = ref(x)[0]
+    np.testing.assert_allclose(m(x)[0], y_ref, rtol=1e-5, atol=1e-6)
+    steps = np.stack([s.step(x[t]).copy() for t in range(4)])
+    np.testing.assert_allclose(steps, y_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_layout_choice_never_changes_results(monkeypatch):
+    x = np.random.default_rng(1).standard_normal((5, 1, 8)).astype(np.float32)
+    outs = {}
+    for kind in FORCED + ["auto"]:
+        monkeypatch.setattr(config, "STEP_LAYOUT", kind)
+        m = numlstm.LSTM(8, 32, num_layers=2, seed=0)
+        numlstm.prune.magnitude(m, 0.9)
+        s = m.stream(1)
+        outs[kind] = np.stack([s.step(x[t]).copy() for t in range(5)])
+    for kind, y in outs.items():
+        np.testing.assert_allclose(y, outs["csr"], rtol=1e-5, atol=1e-6, err_msg=kind)
+
+
+def test_per_row_pruning_needs_no_padding():
+    m = numlstm.LSTM(8, 64, seed=0)
+    numlstm.prune.magnitude(m, 0.75, scope="per_row")
+    for w in m._weights().values():
+        sell = layouts.Sell(w.data, w.indices, w.indptr, w.shape)
+        assert sell.data.size == w.nnz  # every lane of every entry a stored value
+
+
+@pytest.mark.parametrize("kind", ["sell", "windows"])
+def test_layout_bytes_are_counted(kind, monkeypatch):
+    if kind == "windows" and not WINDOW:
+        pytest.skip("no windowed layout on this CPU")
+    monkeypatch.setattr(config, "STEP_LAYOUT", kind)
+    m = numlstm.LSTM(8, 32, seed=0)
+    numlstm.prune.magnitude(m, 0.9)
+    extra = sum(w.step_layout().nbytes for w in m._weights().values())
+    report = numlstm.memory_report(m, 10, 1)
+    assert report["weight layout"] == extra > 0
