@@ -81,7 +81,8 @@ def machine_info():
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                       "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
            if k in os.environ}
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable,
+    return {"cpu": cpu, "isa": isa_info(), "logical_cores": os.cpu_count(),
+            "usable_cores": usable,
             "platform": platform.platform(), "python": platform.python_version(),
             "versions": {d: _version(d) for d in ("numlstm", "numpy", "scipy", "numba",
                                                  "llvmlite", "torch", "onnxruntime")},
@@ -90,15 +91,36 @@ def machine_info():
             else None}
 
 
+def isa_info():
+    """The vector features numlstm's kernels choose by, as LLVM sees the host:
+    its CPU name, the SIMD flags that matter, and the SELL layout widths."""
+    try:
+        import llvmlite.binding as llvm
+
+        from numlstm.kernels.vector_ir import SELL_LANES, WINDOW
+    except ImportError:
+        return None
+    features = llvm.get_host_cpu_features()
+    flags = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                         "avx512fp16") if features.get(f, False)]
+    return {"llvm_cpu": llvm.get_host_cpu_name(), "flags": flags,
+            "sell_lanes": SELL_LANES, "window": WINDOW}
+
+
 def machine_markdown(m, threads):
     """The "## Machine" section of a report, from ``machine_info()`` (plus the
     ``load_average_at_end`` a run adds); ``threads`` states the thread settings."""
     lines = ["## Machine", "",
              f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores "
              f"({m['usable_cores']} usable)",
-             f"- {m['platform']}, Python {m['python']}",
-             "- " + ", ".join(f"{k} {val}" for k, val in m["versions"].items() if val),
-             f"- thread settings: {threads}; environment {m['thread_env'] or 'none set'}"]
+             f"- {m['platform']}, Python {m['python']}"]
+    isa = m.get("isa")
+    if isa:
+        lines.append(f"- ISA (as LLVM compiles for it): {isa['llvm_cpu']}, "
+                     f"{' '.join(isa['flags']) or 'no AVX2'}; SELL slices of "
+                     f"{isa['sell_lanes']} rows, windows of {isa['window']} columns")
+    lines += ["- " + ", ".join(f"{k} {val}" for k, val in m["versions"].items() if val),
+              f"- thread settings: {threads}; environment {m['thread_env'] or 'none set'}"]
     if m["load_average_at_start"]:
         lines.append("- load average (1, 5, 15 min) at start: "
                      + ", ".join(f"{x:.2f}" for x in m["load_average_at_start"])

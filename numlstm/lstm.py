@@ -317,7 +317,8 @@ class LSTM:
             g.fill(0)
 
     def weight_bytes(self):
-        """Bytes of parameter storage used for inference (biases included)."""
+        """Bytes of parameter storage used for inference (biases included), with
+        the per-step execution layouts built so far (``numlstm.layouts``)."""
         return sum(p.nbytes for p in self._params.values())
 
     def _weights(self):

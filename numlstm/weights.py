@@ -168,10 +168,14 @@ class CSR(_Weight):
         return self._step[0].csr_indices(self._index_dtype)
 
     def _bind(self):
-        """The kernel arguments (views of the stored arrays, made once) and the
-        per-step execution layout. A quantized weight (inference only, values
-        never updated) whose layout is SELL keeps only the layout: the CSR
-        arrays are rebuilt from it when asked for (``data``, ``indices``)."""
+        """The kernel arguments (views of the stored arrays, made once).
+
+        The per-step execution layout of a trainable weight is built on first
+        use (``step_args``: a stream, or a forward at batch < ``STEP_MAX_B``),
+        so a model that only trains never pays its bytes. A quantized weight
+        (inference only, values never updated) gets it now, and when it is a
+        SELL layout keeps only the layout: the CSR arrays are rebuilt from it
+        when asked for (``data``, ``indices``)."""
         data = self._data
         if data.dtype == np.int8:  # (R, 1) scale bits
             w0, kdata = self.scales.view(np.uint16).reshape(-1, 1), data
@@ -180,15 +184,22 @@ class CSR(_Weight):
         else:
             w0, kdata = self._no_dense, data
         self._args = (w0, kdata, self._indices, self.indptr)
-        self._step = self._build_step()  # (layout, its kernel arguments)
-        if not self.trainable and isinstance(self._step[0], layouts.SELL_KINDS):
-            self._args = self._step[1]  # batched products run on the layout too
-            self._data = self._indices = None
+        self._step = None  # (layout or self, its kernel arguments), built on first use
+        if not self.trainable:
+            self._build_step()
+            if isinstance(self._step[0], layouts.SELL_KINDS):
+                self._args = self._step[1]  # batched products run on the layout too
+                self._data = self._indices = None
+
+    def _build_step(self):
+        layout = layouts.build(self)
+        self._step = (self if layout is None else layout, self.layout_args(layout))
 
     def __getstate__(self):
         # Views would pickle as copies that in-place updates no longer reach.
-        state = dict(self.__dict__, _transposed=None, _data=self.data, _indices=self.indices)
-        del state["_args"], state["_step"]
+        state = dict(self.__dict__, _transposed=None, _data=self.data, _indices=self.indices,
+                     _step=None)
+        del state["_args"]
         return state
 
     def __setstate__(self, state):
@@ -219,7 +230,7 @@ class CSR(_Weight):
         (0 when the per-step products read the CSR arrays themselves). When the
         SELL layout is the storage, values and indices are its arrays (padding
         included) and ``layout`` the rest of it (slice table, lane scales)."""
-        layout = self._step[0]
+        layout = self._step[0] if self._step is not None else self
         if self._data is None:
             return {"values": layout.data.nbytes, "indices": layout.indices.nbytes,
                     "indptr": self.indptr.nbytes, "scales": self.scales.nbytes
@@ -227,33 +238,37 @@ class CSR(_Weight):
                     "layout": layout.nbytes - layout.data.nbytes - layout.indices.nbytes}
         return dict(super().nbytes_parts(), layout=0 if layout is self else layout.nbytes)
 
-    def _build_step(self):
-        """(layout, its kernel arguments) for per-step products: the layout
-        ``numlstm.layouts.build`` chooses, or this CSR itself."""
-        layout = layouts.build(self)
+    def layout_args(self, layout):
+        """Kernel arguments of this weight through ``layout`` (as
+        ``numlstm.layouts.build`` returns it; None: the CSR arrays)."""
         w0, kdata = self._args[:2]  # kdata: how the kernels see the value type
         if layout is None:
-            return self, self._args
+            return self._args
         if isinstance(layout, Dense):
-            return layout, layout.kernel_args()
+            return layout.kernel_args()
         values = layout.data.view(kdata.dtype)
         if isinstance(layout, layouts.SellWindows):
-            return layout, (layout.lane_scales, values, layout.indices, layout.table)
-        return layout, (w0, values, layout.indices, layout.slices)
+            return layout.lane_scales, values, layout.indices, layout.table
+        return w0, values, layout.indices, layout.slices
 
     def step_layout(self):
-        """The execution layout of per-step products: ``Sell``, ``Dense`` or self."""
+        """The execution layout of per-step products (``SellWindows``, ``Sell``,
+        ``Dense`` or self), built on first use."""
+        if self._step is None:
+            self._build_step()
         return self._step[0]
 
     def step_args(self):
         """Kernel arguments of the per-step execution layout (``step_layout``)."""
+        if self._step is None:
+            self._build_step()
         return self._step[1]
 
     def refresh_step(self):
         """Copy the current values into the execution layout, if it holds a copy."""
-        layout = self._step[0]
-        if self._data is None:  # the layout is the storage
+        if self._step is None or self._data is None:  # none yet, or it is the storage
             return
+        layout = self._step[0]
         if isinstance(layout, layouts.SELL_KINDS):
             layout.refresh(self.data)
         elif isinstance(layout, Dense):

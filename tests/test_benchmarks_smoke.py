@@ -44,7 +44,9 @@ def test_quick_benchmark_writes_expected_entries(quick_run):
             assert len(s["all"]) == res["config"]["repeats"], (case, kind)
             assert 0 < s["min"] <= s["median"] <= s["max"], (case, kind)
     dense, csr = res["cases"]["numlstm-dense"], res["cases"]["numlstm-csr"]
-    assert csr["weight_bytes"] < dense["weight_bytes"] / 4
+    # 90% CSR: values and int32 indices are 20% of dense; the stream adds its
+    # per-step execution layout (numlstm.layouts: the windowed one is ~25%).
+    assert csr["weight_bytes"] < dense["weight_bytes"] / 2
     assert dense["self_agreement"] < 1e-4 and csr["self_agreement"] < 1e-4
     if has_torch:
         for case in ("numlstm-dense", "numlstm-csr"):
@@ -191,12 +193,14 @@ def _check_timing_table(case, table, peers, repeats, variants, md, diff_bound=1e
         assert r["label"].startswith(LABELS[key]), (case, key)
     comps = {(c["system"], c["peer"]): c for c in table["comparisons"]}
     for v in variants:
-        expected = peers | ({SCIPY_PEER[v]} if v in SCIPY_PEER and case in "ab" else set())
+        expected = (peers - {v}) | ({SCIPY_PEER[v]} if v in SCIPY_PEER and case in "ab"
+                                    else set())
         assert {p for s, p in comps if s == v} == expected, (case, v)
         for p in expected:
             c = comps[(v, p)]
             assert math.isfinite(c["speedup"]) and c["speedup"] > 0, (case, v, p)
-            assert 0 <= c["max_abs_diff"] < diff_bound, (case, v, p, c)
+            if p != "dense":  # another kind's weights: a ratio, not an agreement
+                assert 0 <= c["max_abs_diff"] < diff_bound, (case, v, p, c)
             if "grad_rel_diff" in c:
                 assert 0 <= c["grad_rel_diff"] < 1e-3, (case, v, p, c)
 

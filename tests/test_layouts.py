@@ -42,12 +42,12 @@ def test_every_layout_multiplies_like_the_dense_matrix(R, C, density, dtype, val
     every value kind, and every layout the cost model may choose."""
     rng = np.random.default_rng(seed)
     saved = config.STEP_LAYOUT
-    config.STEP_LAYOUT = kind  # read when the weight is made
+    config.STEP_LAYOUT = kind  # read when the layout is built (quantized: when made)
     try:
         weight = quantize_weight(_csr(rng, R, C, density, dtype, empty), values, index)
+        layout = weight.step_layout()
     finally:
         config.STEP_LAYOUT = saved
-    layout = weight.step_layout()
     expect = {"sell": layouts.Sell, "windows": layouts.SellWindows, "csr": W.CSR,
               "dense": W.Dense}
     refused = (kind == "windows" and dtype != np.float32

@@ -88,7 +88,7 @@ def compare(case, table_name, table, peers, outputs, out_key=None, diff=None):
             continue
         for peer in peers:
             pk = peer_key(system, peer)
-            if pk is None or pk not in rows:
+            if pk is None or pk not in rows or pk == system:
                 continue
             c = {"system": system, "peer": pk, "column": peer,
                  "speedup": rows[pk]["stats"]["median"] / r["stats"]["median"]}

@@ -10,8 +10,8 @@ from benchmarks.suite.config import (
     VARIANTS,
 )
 
-COLUMN = {"torch-cell": "vs torch `nn.LSTMCell`", "torch-lstm": "vs torch `nn.LSTM`",
-          "ort": "vs ONNX Runtime", "numpy": "vs NumPy loop",
+COLUMN = {"dense": "vs numlstm dense", "torch-cell": "vs torch `nn.LSTMCell`",
+          "torch-lstm": "vs torch `nn.LSTM`", "ort": "vs ONNX Runtime", "numpy": "vs NumPy loop",
           "scipy": "vs scipy loop (same pattern)", "reference": "vs NumPy reference (float64)"}
 
 
@@ -65,7 +65,7 @@ def _targets_md(result):
              "Speedup = peer median / numlstm median in this run (> 1: numlstm faster).", "",
              "| case | figure | target | measured | verdict |", "|---|---|---:|---:|---|"]
     names = {"stream": "streaming step", "B=1": "whole sequence, batch 1",
-             "train": "training step (forward + backward)"}
+             "B=16": "whole sequence, batch 16", "train": "training step (forward + backward)"}
     for t in result["targets"]:
         if t["case"] == "f":
             lines.append(f"| f | {LABELS['dense']}: fresh process to first output, warm "
@@ -73,7 +73,7 @@ def _targets_md(result):
                          f"| {_verdict(t['met'])} |")
             continue
         bound = (f"≥ {t['target']:g}×" if t["target"] >= 1
-                 else f"≥ {t['target']:.2f}× (time ≤ {1 / t['target']:.2g}× peer's)")
+                 else f"≥ {t['target']:.2f}× (time ≤ {1 / t['target']:.2g}× the other's)")
         lines.append(f"| {t['case']} | {LABELS[t['system']]}, {names[t['table']]}, "
                      f"vs {LABELS[t['peer']]} | {bound} | {_f(t['speedup'])}× | "
                      f"{_verdict(t['met'])} |")

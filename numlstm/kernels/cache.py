@@ -14,9 +14,10 @@ shadows the next install for any process started outside the repository
 
 in a subfolder per source folder, named as numba names them (the folder's
 name and the SHA-1 of its path): two installs or checkouts never share
-entries, and entries are keyed by the source file's stamp, the Python
-version and numba's version as numba always does. A read-only site-packages
-is fine. Deleting the folder is always safe (the next process recompiles).
+entries, and entries are keyed by a stamp of all kernel sources together
+(``_kernel_sources_stamp``: numba's own stamp of one file misses edits to the
+code a kernel inlines from others), the Python version and numba's version.
+A read-only site-packages is fine. Deleting the folder is always safe (the next process recompiles).
 
 Precedence, first match wins:
 
@@ -60,6 +61,29 @@ def cache_root():
     return os.path.join(base, "numlstm")
 
 
+def _kernel_sources_stamp():
+    """SHA-256 of every source file a kernel may compile in (``kernels/*.py``,
+    ``config.py``) and of the config switches read from the environment."""
+    global _STAMP
+    if _STAMP is None:
+        import hashlib
+
+        digest = hashlib.sha256()
+        kernels = os.path.join(PACKAGE_DIR, "kernels")
+        files = sorted(os.path.join(kernels, f) for f in os.listdir(kernels)
+                       if f.endswith(".py"))
+        for path in files + [os.path.join(PACKAGE_DIR, "config.py")]:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        digest.update(repr(sorted(os.environ.get(k, "") for k in (
+            "NUMLSTM_EXACT_ACTIVATIONS",))).encode())
+        _STAMP = digest.hexdigest()
+    return _STAMP
+
+
+_STAMP = None
+
+
 def _in_package(py_file):
     try:
         path = os.path.realpath(py_file)
@@ -78,6 +102,14 @@ class PerUserCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheL
 
     def get_cache_path(self):
         return self._cache_path
+
+    def get_source_stamp(self):
+        # numba stamps an entry with its own source file only, but a cached
+        # kernel holds the code of every jitted function it calls, inlined
+        # from other files (vector_ir.py's IR, cpu.py's kernels in plan.py)
+        # and constants read from config: an edit to any of them must
+        # invalidate every entry. So the stamp is of all of them together.
+        return _kernel_sources_stamp()
 
     @classmethod
     def from_function(cls, py_func, py_file):
