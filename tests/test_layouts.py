@@ -125,3 +125,24 @@ def test_layout_bytes_are_counted(kind, monkeypatch):
     extra = sum(w.step_layout().nbytes for w in m._weights().values())
     report = numlstm.memory_report(m, 10, 1)
     assert report["weight layout"] == extra > 0
+
+
+@given(_rows, _cols, st.sampled_from([0.05, 0.3]), st.sampled_from([np.float32, np.float64]),
+       st.sampled_from(["float16", "int8"]), st.sampled_from([8, 9, 17]), st.integers(0, 1000))
+def test_batched_products_of_a_weight_stored_as_sell(R, C, density, dtype, values, N, seed):
+    """A quantized weight kept as its SELL layout multiplies whole batches with
+    the panel kernel (eight rows of x per stored value), the rest row by row."""
+    rng = np.random.default_rng(seed)
+    saved = config.STEP_LAYOUT
+    config.STEP_LAYOUT = "sell"
+    try:
+        weight = quantize_weight(_csr(rng, R, C, density, dtype, ()), values, "uint16")
+    finally:
+        config.STEP_LAYOUT = saved
+    assert isinstance(weight.step_layout(), layouts.Sell) and weight.kernel_args()[1].ndim == 2
+    x = rng.standard_normal((N, C)).astype(dtype)
+    for kernel in (K.sparse_matmul, K.sparse_matmul_parallel):
+        out = np.full((N, R), np.nan, dtype)
+        kernel(out, x, *weight.kernel_args())
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(out, x @ weight.to_array().T, rtol=tol, atol=tol)

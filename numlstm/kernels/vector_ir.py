@@ -212,7 +212,9 @@ def _row_codegen(wide):
 
 
 def _panel_codegen(shape):
-    """out[n0:n0+8] = x[n0:n0+8] @ W^T, ``shape`` "csr", "8x1" or "1x8"."""
+    """out[n0:n0+8] = x[n0:n0+8] @ W^T, ``shape`` "csr", "8x1", "1x8" or "sell"
+    (a CSR weight in its SELL-C-sigma layout: ``_sell_codegen``'s arrays, each
+    lane of a slice a row whose values go as a CSR row's, padding included)."""
     def codegen(context, builder, sig, args):
         out, x, data, indices, indptr, w0 = _arrays(context, builder, sig, args, 6)
         _, x_t, data_t, indices_t, indptr_t, _, _ = sig.args
@@ -238,7 +240,11 @@ def _panel_codegen(shape):
 
         slots = e.accumulators(LANES if shape == "8x1" else CHAINS)
 
+        lane = [None]  # "sell": the slice lane whose row is being summed
+
         def csr_value(slot, k):
+            if shape == "sell":  # entry k of the slice, this row's lane
+                k = b.add(b.mul(k, _I64(SELL_LANES)), lane[0])
             if data_t.dtype in (nbtypes.uint16, nbtypes.int8):  # float16 bits, int8
                 one = b.load(b.gep(data.data, [k]))
                 wide = e.widened(b.insert_element(ir.Constant(ir.VectorType(one.type, 1),
@@ -275,7 +281,7 @@ def _panel_codegen(shape):
 
         def row(r, start, stop):
             e.zero(slots)
-            if shape == "csr":
+            if shape in ("csr", "sell"):
                 e.chained(start, stop, slots, csr_value)
             else:
                 with cgutils.for_range_slice(b, start, stop, _I64(1)) as (k, _):
@@ -286,7 +292,19 @@ def _panel_codegen(shape):
             else:
                 store_lanes(row_scale(e.total(slots), r), r)
 
-        e.rows(indptr, indptr_t, row)
+        if shape == "sell":  # indptr: the slice table (nslices, 2 + C)
+            nslices, width = cgutils.unpack_tuple(b, indptr.shape)
+            with cgutils.for_range(b, nslices) as sl:
+                row0 = b.mul(sl.index, width)
+                start = e.index(indptr, indptr_t, row0)
+                stop = e.index(indptr, indptr_t, b.add(row0, _I64(1)))
+                with cgutils.for_range(b, _I64(SELL_LANES)) as ln:
+                    r = e.index(indptr, indptr_t, b.add(row0, b.add(ln.index, _I64(2))))
+                    with b.if_then(b.icmp_signed(">=", r, _I64(0))):
+                        lane[0] = ln.index
+                        row(r, start, stop)
+        else:
+            e.rows(indptr, indptr_t, row)
         e.stack_restore(stack)
         return context.get_dummy_value()
     return codegen
@@ -466,10 +484,19 @@ def _row_typer(codegen):
     return typer
 
 
-def _panel_typer(codegen):
+def _panel_typer(codegen, sell=False):
     def typer(typingctx, out, x, data, indices, indptr, w0, n0):
-        if applies(out, x, data, indices, indptr, w0):
-            return nbtypes.none(out, x, data, indices, indptr, w0, nbtypes.int64), codegen
+        arrays = (out, x, data, indices, indptr, w0)
+        if sell:
+            ok = (all(getattr(a, "layout", "") == "C" for a in arrays)
+                  and x.dtype in (nbtypes.float32, nbtypes.float64) and out.dtype == x.dtype
+                  and data.ndim == 2 and data.dtype in (x.dtype, nbtypes.uint16, nbtypes.int8)
+                  and indices.ndim == 2 and indices.dtype in (nbtypes.uint16, nbtypes.int32)
+                  and indptr.ndim == 2 and indptr.dtype == nbtypes.int32)
+        else:
+            ok = applies(*arrays)
+        if ok:
+            return nbtypes.none(*arrays, nbtypes.int64), codegen
     return typer
 
 
@@ -482,3 +509,5 @@ bsr_rows_1x8 = intrinsic(_row_typer(_row_codegen(True)))
 panel_csr = intrinsic(_panel_typer(_panel_codegen("csr")))
 panel_8x1 = intrinsic(_panel_typer(_panel_codegen("8x1")))
 panel_1x8 = intrinsic(_panel_typer(_panel_codegen("1x8")))
+# The same for a CSR weight in its SELL-C-sigma layout (a quantized weight's storage).
+panel_sell = intrinsic(_panel_typer(_panel_codegen("sell"), sell=True))
