@@ -152,23 +152,23 @@ class Sell:
         self.data = np.zeros((S, C), values.dtype)
         self.indices = np.zeros((S, C), np.uint16 if K <= 65536 else np.int32)
         self._indptr = indptr
-        K_.sell_scatter(self.indices, indices, indptr, self.slices)
+        K_.sell_copy(self.indices, indices, indptr, self.slices, True)
         self.refresh(values)
 
     def refresh(self, values):
         """Copy the weight's current values (nnz,) into the layout."""
-        K_.sell_scatter(_bits(self.data), _bits(values), self._indptr, self.slices)
+        K_.sell_copy(_bits(self.data), _bits(values), self._indptr, self.slices, True)
 
     def csr_values(self):
         """The values in CSR order (nnz,): a new array."""
         out = np.empty(int(self._indptr[-1]), self.data.dtype)
-        K_.sell_gather(_bits(out), _bits(self.data), self._indptr, self.slices)
+        K_.sell_copy(_bits(self.data), _bits(out), self._indptr, self.slices, False)
         return out
 
     def csr_indices(self, dtype):
         """The column indices in CSR order (nnz,) as ``dtype``: a new array."""
         out = np.empty(int(self._indptr[-1]), self.indices.dtype)
-        K_.sell_gather(out, self.indices, self._indptr, self.slices)
+        K_.sell_copy(self.indices, out, self._indptr, self.slices, False)
         return out.astype(dtype, copy=False)
 
     @property
@@ -246,14 +246,14 @@ class SellWindows:
 
     def refresh(self, values):
         """Copy the weight's current values (nnz,) into the layout."""
-        K_.window_scatter(_bits(self.data), _bits(values), self._indptr, self.indices,
-                          self.table, WINDOW_PAD)
+        K_.window_copy(_bits(self.data), _bits(values), self._indptr, self.indices,
+                       self.table, WINDOW_PAD, True)
 
     def csr_values(self):
         """The values in CSR order (nnz,): a new array."""
         out = np.empty(int(self._indptr[-1]), self.data.dtype)
-        K_.window_gather(_bits(out), _bits(self.data), self._indptr, self.indices, self.table,
-                         WINDOW_PAD)
+        K_.window_copy(_bits(self.data), _bits(out), self._indptr, self.indices, self.table,
+                       WINDOW_PAD, False)
         return out
 
     def csr_indices(self, dtype):

@@ -11,27 +11,13 @@ from numlstm.kernels.cpu import _OPTS
 
 
 @njit(**_OPTS)
-def sell_scatter(out, values, indptr, slices):
-    """out (S, C) receives each CSR row's values (nnz,) in its slice lane.
+def sell_copy(sell, flat, indptr, slices, to_sell):
+    """Copy between CSR order, flat (nnz,), and a SELL-C-sigma layout, sell (S, C).
 
-    Row r in lane l of slice s (``slices[s, 2 + l] == r``) puts its j-th
-    value at ``out[slices[s, 0] + j, l]``; padding entries keep what ``out``
-    held (zeros when freshly made).
+    Row r in lane l of slice s (``slices[s, 2 + l] == r``) keeps its j-th
+    value at ``sell[slices[s, 0] + j, l]``; ``to_sell`` says the direction.
+    Padding entries are not touched (zeros when the layout is new).
     """
-    C = out.shape[1]
-    for s in range(slices.shape[0]):
-        e0 = slices[s, 0]
-        for lane in range(C):
-            r = slices[s, 2 + lane]
-            if r >= 0:
-                k0 = indptr[r]
-                for j in range(indptr[r + 1] - k0):
-                    out[e0 + j, lane] = values[k0 + j]
-
-
-@njit(**_OPTS)
-def sell_gather(out, sell, indptr, slices):
-    """The inverse of ``sell_scatter``: out (nnz,) in CSR order from sell (S, C)."""
     C = sell.shape[1]
     for s in range(slices.shape[0]):
         e0 = slices[s, 0]
@@ -40,34 +26,20 @@ def sell_gather(out, sell, indptr, slices):
             if r >= 0:
                 k0 = indptr[r]
                 for j in range(indptr[r + 1] - k0):
-                    out[k0 + j] = sell[e0 + j, lane]
+                    if to_sell:
+                        sell[e0 + j, lane] = flat[k0 + j]
+                    else:
+                        flat[k0 + j] = sell[e0 + j, lane]
 
 
 @njit(**_OPTS)
-def window_scatter(out, values, indptr, indices, table, pad):
-    """out (E, C) receives each CSR row's values (nnz,) in its windowed-SELL lane.
+def window_copy(sell, flat, indptr, indices, table, pad, to_sell):
+    """Copy between CSR order, flat (nnz,), and a windowed SELL layout, sell (E, C).
 
     Row r in lane l of slice s walks its slice's entries window by window;
     the entries whose local column ``indices[e, l]`` is below ``pad`` are its
     stored values in CSR order (the layout keeps a row's values by column).
     """
-    C = out.shape[1]
-    nwin = table.shape[1] - 1 - C
-    for s in range(table.shape[0]):
-        for lane in range(C):
-            r = table[s, nwin + 1 + lane]
-            if r < 0:
-                continue
-            k = indptr[r]
-            for e in range(table[s, 0], table[s, nwin]):
-                if indices[e, lane] < pad:
-                    out[e, lane] = values[k]
-                    k += 1
-
-
-@njit(**_OPTS)
-def window_gather(out, sell, indptr, indices, table, pad):
-    """The inverse of ``window_scatter``: out (nnz,) in CSR order."""
     C = sell.shape[1]
     nwin = table.shape[1] - 1 - C
     for s in range(table.shape[0]):
@@ -78,7 +50,10 @@ def window_gather(out, sell, indptr, indices, table, pad):
             k = indptr[r]
             for e in range(table[s, 0], table[s, nwin]):
                 if indices[e, lane] < pad:
-                    out[k] = sell[e, lane]
+                    if to_sell:
+                        sell[e, lane] = flat[k]
+                    else:
+                        flat[k] = sell[e, lane]
                     k += 1
 
 
