@@ -55,22 +55,27 @@ def build(weight, forced=None):
     cheapest by ``cost``; for a quantized weight, whose layout replaces its
     arrays, only among those at most ``config.QUANTIZED_LAYOUT_SLACK`` larger
     than the CSR arrays (so ``sell``, not ``windows``). A kind that cannot
-    hold the weight (``windows``
-    needs float32 inputs and an AVX2 or AVX-512 CPU; ``dense`` a float value
-    kind unless ``config.DENSE_FOR_QUANTIZED``) falls back to "auto".
+    hold the weight (``windows`` needs float32 inputs and an AVX2 or AVX-512
+    CPU; ``dense`` a float value kind unless ``config.DENSE_FOR_QUANTIZED``)
+    falls back to "auto".
     """
     from numlstm.weights import Dense
 
+    kind = forced or config.STEP_LAYOUT
+    if kind not in KINDS + ("auto",):
+        raise ValueError(f"the step layout (NUMLSTM_STEP_LAYOUT / config.STEP_LAYOUT) must "
+                         f"be one of {KINDS + ('auto',)}, got {kind!r}")
+    sigma = config.SELL_SIGMA
     candidates = {"sell": lambda: Sell(weight.data, weight.indices, weight.indptr,
-                                       weight.shape),
+                                       weight.shape, sigma=sigma),
                   "csr": lambda: None}
     quantized = weight.value_type in ("float16", "int8")
     if WINDOW and weight.dtype == np.float32:
         candidates["windows"] = lambda: SellWindows(
-            weight.data, weight.indices, weight.indptr, weight.shape, weight.scales)
+            weight.data, weight.indices, weight.indptr, weight.shape, weight.scales,
+            sigma=sigma)
     if not quantized or config.DENSE_FOR_QUANTIZED:
         candidates["dense"] = lambda: Dense(weight.public().toarray())
-    kind = forced or config.STEP_LAYOUT
     if kind in candidates:
         return candidates[kind]()
     built = {k: make() for k, make in candidates.items()}

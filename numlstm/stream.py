@@ -2,7 +2,8 @@
 
 A ``Stream`` owns the state (h, c) of every layer for a fixed batch and the
 few buffers one step needs, all carved from one workspace block when it is
-made. ``step`` then runs one kernel call per layer and allocates nothing.
+made. ``step`` then makes one compiled call for all layers (the arguments
+bound once in a ``numlstm.kernels.plan.StepPlan``) and allocates nothing.
 """
 
 import numpy as np

@@ -146,3 +146,11 @@ def test_batched_products_of_a_weight_stored_as_sell(R, C, density, dtype, value
         kernel(out, x, *weight.kernel_args())
         tol = 1e-5 if dtype == np.float32 else 1e-12
         np.testing.assert_allclose(out, x @ weight.to_array().T, rtol=tol, atol=tol)
+
+
+def test_an_unknown_forced_layout_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(config, "STEP_LAYOUT", "sel")
+    m = numlstm.LSTM(4, 8, seed=0)
+    numlstm.prune.magnitude(m, 0.5)
+    with pytest.raises(ValueError, match=r"NUMLSTM_STEP_LAYOUT.*got 'sel'"):
+        m.stream(1)
