@@ -16,6 +16,8 @@ of W^T), built on first use together with ``perm`` so that the transposed
 values can be refreshed from ``values`` after an update.
 """
 
+import threading
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -23,6 +25,7 @@ from numlstm import layouts
 from numlstm.kernels import cpu as K
 
 _NO_INDEX = np.zeros(0, dtype=np.int32)  # the unused index slots of a dense weight
+_STEP_LOCK = threading.Lock()  # held while a CSR weight builds its execution layout
 QUANTIZED_TYPES = ("float16", "int8")
 
 
@@ -192,8 +195,12 @@ class CSR(_Weight):
                 self._data = self._indices = None
 
     def _build_step(self):
-        layout = layouts.build(self)
-        self._step = (self if layout is None else layout, self.layout_args(layout))
+        # Under a lock, checked again inside: two threads making streams of one
+        # model must bind the same layout (the one refresh_step updates).
+        with _STEP_LOCK:
+            if self._step is None:
+                layout = layouts.build(self)
+                self._step = (self if layout is None else layout, self.layout_args(layout))
 
     def __getstate__(self):
         # Views would pickle as copies that in-place updates no longer reach.
