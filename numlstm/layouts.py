@@ -78,14 +78,32 @@ def build(weight, forced=None):
         candidates["dense"] = lambda: Dense(weight.public().toarray())
     if kind in candidates:
         return candidates[kind]()
-    built = {k: make() for k, make in candidates.items()}
+    # The SELL kinds are built to be measured; a dense copy is priced from its
+    # shape and made only if chosen (it may be large).
+    built = {k: make() for k, make in candidates.items() if k != "dense"}
+    nbytes = {k: 0 if v is None else v.nbytes for k, v in built.items()}
+    est = {k: cost(weight, v) for k, v in built.items()}
+    if "dense" in candidates:
+        R, K = weight.shape
+        nbytes["dense"] = R * K * weight.dtype.itemsize
+        est["dense"] = _dense_cost(weight, nbytes["dense"])
     if quantized:  # the layout replaces the stored arrays: it must not cost bytes
-        stored = sum(a.nbytes for a in (weight.data, weight.indices, weight.indptr)
-                     if a is not None)
+        stored = sum(a.nbytes for a in (weight.data, weight.indices, weight.indptr))
         limit = stored * (1 + config.QUANTIZED_LAYOUT_SLACK)
-        built = {k: v for k, v in built.items() if v is None or v.nbytes <= limit}
-    est = {k: cost(weight, layout) for k, layout in built.items()}
-    return built[min(est, key=est.get)]
+        est = {k: e for k, e in est.items() if k == "csr" or nbytes[k] <= limit}
+    best = min(est, key=est.get)
+    return built[best] if best != "dense" else candidates["dense"]()
+
+
+def _costs():
+    return config.STEP_COSTS["avx512" if SELL_LANES == 16 else "avx2"]
+
+
+def _dense_cost(weight, nbytes):
+    """Estimated ns of a product with one row of x through a dense copy."""
+    c = _costs()
+    R, K = weight.shape
+    return R * K * c["dense"] * (c["beyond_l2"] if nbytes > L2_BYTES else 1.0)
 
 
 def cost(weight, layout):
@@ -96,8 +114,8 @@ def cost(weight, layout):
     ratios. A layout larger than L2 is streamed from L3 at ``beyond_l2``
     times the cost.
     """
-    c = config.STEP_COSTS["avx512" if SELL_LANES == 16 else "avx2"]
-    R, K = weight.shape
+    c = _costs()
+    R = weight.shape[0]
     if layout is None:
         return weight.nnz * c["csr"] + R * c["row"]
     slow = c["beyond_l2"] if layout.nbytes > L2_BYTES else 1.0
@@ -106,7 +124,7 @@ def cost(weight, layout):
         return layout.data.size * c["window_lane"] * slow + windows * c["window"]
     if isinstance(layout, Sell):
         return layout.data.size * c["sell_lane"] * slow + layout.slices.shape[0] * c["slice"]
-    return R * K * c["dense"] * slow
+    return _dense_cost(weight, layout.nbytes)
 
 
 def _order(lens, sigma):

@@ -656,9 +656,9 @@ class LSTM:
 
     def _forward(self, x, state, lengths, training, checkpoint, memory_budget):
         xt, unbatched = self._check_x(x)
-        if xt.shape[1] < config.STEP_MAX_B or self._layouts_stale:
+        if xt.shape[1] < config.STEP_MAX_B:
             # The recurrence will read the layouts' copies: refreshed on every
-            # call, so that values written in place in any way are seen.
+            # such call, so that values written in place in any way are seen.
             self.refresh_layouts()
         if training:
             self._check_trainable()

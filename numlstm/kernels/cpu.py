@@ -195,22 +195,18 @@ def _panel(out, x, w0, data, indices, indptr, n0):
 
 @overload(_panel, jit_options=_OPTS)
 def _panel_overload(out, x, w0, data, indices, indptr, n0):
-    if data.ndim == 2 and indices.dtype != nbtypes.uint8:  # SELL-C-sigma layout
-        def sell(out, x, w0, data, indices, indptr, n0):
-            if x.shape[1] > V.PANEL_MAX_K:
-                return False
-            V.panel_sell(out, x, data, indices, indptr, w0, n0)
-            return True
-        return sell
-    if not V.applies(out, x, data, indices, indptr, w0) or data.ndim == 2:
-        return lambda out, x, w0, data, indices, indptr, n0: False
-    if data.ndim == 1:
+    sell = data.ndim == 2 and indices.dtype != nbtypes.uint8  # SELL-C-sigma layout
+    if sell or data.ndim == 1 and V.applies(out, x, data, indices, indptr, w0):
+        panel = V.panel_sell if sell else V.panel_csr
+
         def csr(out, x, w0, data, indices, indptr, n0):
             if x.shape[1] > V.PANEL_MAX_K:
                 return False
-            V.panel_csr(out, x, data, indices, indptr, w0, n0)
+            panel(out, x, data, indices, indptr, w0, n0)
             return True
         return csr
+    if not V.applies(out, x, data, indices, indptr, w0) or data.ndim == 2:
+        return lambda out, x, w0, data, indices, indptr, n0: False
 
     def bsr(out, x, w0, data, indices, indptr, n0):
         br, bc = data.shape[1], data.shape[2]
