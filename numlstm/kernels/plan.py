@@ -12,10 +12,12 @@ CPU only: a stream on the GPU launches its kernels per layer (they take device
 arrays, which cost no MemInfo of numba's CPU runtime).
 """
 
+from llvmlite import ir
 from numba import literal_unroll, njit, typeof
 from numba import types as nbtypes
+from numba.core import cgutils
 from numba.experimental import structref
-from numba.extending import overload
+from numba.extending import NativeValue, box, overload, unbox
 
 from numlstm.kernels.cpu import _OPTS, lstm_step
 
@@ -31,7 +33,38 @@ class StepPlan(structref.StructRefProxy):
     ``lstm_step`` argument tuple per layer (made by ``make_plan``)."""
 
 
-structref.define_boxing(StepPlanType, StepPlan)
+@box(StepPlanType)
+def _box_plan(typ, val, c):
+    """A StepPlan proxy around the plan's MemInfo (as numba's own boxing)."""
+    plan = cgutils.create_struct_proxy(typ)(c.context, c.builder, value=val)
+    meminfo = c.box(nbtypes.MemInfoPointer(nbtypes.voidptr), plan.meminfo)
+    ctor = c.pyapi.unserialize(c.pyapi.serialize_object(StepPlan._numba_box_))
+    ty = c.pyapi.unserialize(c.pyapi.serialize_object(typ))
+    res = c.pyapi.call_function_objargs(ctor, [ty, meminfo])
+    for obj in (ctor, ty, meminfo):
+        c.pyapi.decref(obj)
+    return res
+
+
+@unbox(StepPlanType)
+def _unbox_plan(typ, obj, c):
+    """The plan's MemInfo, read with an interned attribute name. numba's own
+    unboxing reads ``_meminfo`` with a new string on every call, and
+    CPython's type attribute cache keeps the string it was looked up with:
+    a stream step would leave a 57-byte string behind in a cache slot now
+    and then (a few KiB in all, bounded, but visible to tracemalloc as
+    growth in a stream that must hold constant memory)."""
+    intern = cgutils.get_or_insert_function(
+        c.builder.module, ir.FunctionType(c.pyapi.pyobj, [c.pyapi.cstring]),
+        "PyUnicode_InternFromString")
+    name = c.builder.call(intern, [c.context.insert_const_string(c.builder.module, "_meminfo")])
+    mi_obj = c.pyapi.object_getattr(obj, name)
+    c.pyapi.decref(name)
+    mi = c.unbox(nbtypes.MemInfoPointer(nbtypes.voidptr), mi_obj).value
+    plan = cgutils.create_struct_proxy(typ)(c.context, c.builder)
+    plan.meminfo = mi
+    c.pyapi.decref(mi_obj)
+    return NativeValue(plan._getvalue())
 
 
 def _new_plan(layers):
