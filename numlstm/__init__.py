@@ -9,10 +9,11 @@ from numlstm import layers, losses, optim, prune, quantize
 from numlstm.io import ModelFileError, load, save
 from numlstm.lstm import LSTM
 from numlstm.memory import memory_report
+from numlstm.pool import StreamPool
 from numlstm.stream import Stream
 from numlstm.tbptt import truncated_bptt
 from numlstm.train import fit
 
 __all__ = ["LSTM", "ModelFileError", "Stream", "fit", "layers", "load", "losses",
-           "memory_report", "optim", "prune", "quantize", "save", "truncated_bptt"]
+           "memory_report", "optim", "prune", "quantize", "save", "StreamPool", "truncated_bptt"]
 __version__ = "0.1.0"
