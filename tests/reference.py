@@ -28,6 +28,23 @@ starts from h0 / c0 at t = lengths[b] - 1 and runs down to t = 0.
 Between layers, ``dropout_masks[k]`` (T, B, D*O), already scaled (0 or 1/(1-p)),
 multiplies layer k's output before it becomes layer k+1's input. It is never applied
 to the last layer's output.
+
+The cell options of ONNX's LSTM operator (and Keras's), all off by default:
+
+- ``reverse``: a unidirectional layer that runs from each sequence's last valid step
+  down to t = 0 (ONNX ``direction="reverse"``; the reverse half of a bidirectional
+  layer on its own; Keras ``go_backwards`` with its output flipped back).
+- peepholes: a parameter ``peephole_l{k}`` (and ``peephole_l{k}_reverse``) of shape
+  (3, H), rows p_i, p_f, p_o (ONNX's ``P`` holds them in the order i, o, f):
+
+      z_i += p_i * c_{t-1}    z_f += p_f * c_{t-1}    z_o += p_o * c_t
+
+- ``clip``: every gate pre-activation (peephole term and biases included) is clipped
+  to [-clip, clip] before its activation; the gradient is 0 where the clip bites.
+- ``input_forget``: f = 1 - i (the forget gate's weights and biases are unused).
+- ``activations``: ONNX's (f, g, h): f for the i, f, o gates (default sigmoid), g
+  for the cell input (tanh), h for the cell output m = o * h(c_t) (tanh). Each is a
+  name of ``ACTIVATIONS`` or (name, alpha, beta); alpha and beta default to ONNX's.
 """
 
 import numpy as np
@@ -54,12 +71,60 @@ def sigmoid(z):
     return np.where(z >= 0, s, e * s)  # sigmoid(-|z|) = e / (1 + e)
 
 
+def _hard_sigmoid(z, a, b):
+    return np.clip(a * z + b, 0.0, 1.0)
+
+
+# name: (function, derivative, default alpha, default beta), as ONNX defines them.
+ACTIVATIONS = {
+    "sigmoid": (lambda z, a, b: sigmoid(z),
+                lambda z, a, b: sigmoid(z) * (1.0 - sigmoid(z)), None, None),
+    "tanh": (lambda z, a, b: np.tanh(z), lambda z, a, b: 1.0 - np.tanh(z) ** 2, None, None),
+    "relu": (lambda z, a, b: np.maximum(z, 0.0), lambda z, a, b: (z > 0).astype(z.dtype),
+             None, None),
+    "hard_sigmoid": (_hard_sigmoid,
+                     lambda z, a, b: np.where((a * z + b > 0) & (a * z + b < 1), a, 0.0),
+                     0.2, 0.5),
+    "affine": (lambda z, a, b: a * z + b, lambda z, a, b: np.full_like(z, a), 1.0, 0.0),
+}
+
+
+def activation(spec):
+    """(function, derivative) of an activation spec: a name of ``ACTIVATIONS`` or
+    (name, alpha, beta); each takes and returns an array of pre-activations."""
+    name, *ab = (spec,) if isinstance(spec, str) else tuple(spec)
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    fn, dfn, a, b = ACTIVATIONS[name]
+    if ab:
+        a, b = ab
+    return (lambda z: fn(z, a, b)), (lambda z: dfn(z, a, b))
+
+
+def _cell(clip, input_forget, activations):
+    """The cell options as ``_direction_forward`` / ``_direction_backward`` read them."""
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be None or > 0, got {clip}")
+    specs = ("sigmoid", "tanh", "tanh") if activations is None else tuple(activations)
+    if len(specs) != 3:
+        raise ValueError(f"activations must hold 3 specs (f, g, h), got {len(specs)}")
+    return {"clip": clip, "input_forget": bool(input_forget),
+            "acts": [activation(spec) for spec in specs]}
+
+
+def _clip(z, clip):
+    """z clipped to [-clip, clip] and the clip's derivative (1 inside, 0 where it bites)."""
+    if clip is None:
+        return z, 1.0
+    return np.clip(z, -clip, clip), (np.abs(z) <= clip).astype(z.dtype)
+
+
 def _suffix(direction):
     return "_reverse" if direction == 1 else ""
 
 
 def param_shapes(input_size, hidden_size, num_layers=1, *, bias=True, bidirectional=False,
-                 proj_size=0):
+                 proj_size=0, peepholes=False):
     """{name: shape} for every parameter, in torch.nn.LSTM's ``named_parameters`` order."""
     I, H, L, P = input_size, hidden_size, num_layers, proj_size
     D = 2 if bidirectional else 1
@@ -77,11 +142,13 @@ def param_shapes(input_size, hidden_size, num_layers=1, *, bias=True, bidirectio
                 shapes[f"bias_hh{sfx}"] = (G,)
             if P > 0:
                 shapes[f"weight_hr{sfx}"] = (P, H)
+            if peepholes:
+                shapes[f"peephole{sfx}"] = (3, H)
     return shapes
 
 
 def init_params(input_size, hidden_size, num_layers=1, *, bias=True, bidirectional=False,
-                proj_size=0, rng):
+                proj_size=0, peepholes=False, rng):
     """PyTorch-named float64 parameters drawn from U(-1/sqrt(H), 1/sqrt(H)), as torch does.
 
     ``rng`` is a ``numpy.random.Generator`` (or anything ``default_rng`` accepts).
@@ -89,7 +156,7 @@ def init_params(input_size, hidden_size, num_layers=1, *, bias=True, bidirection
     rng = np.random.default_rng(rng)
     bound = 1.0 / np.sqrt(hidden_size)
     shapes = param_shapes(input_size, hidden_size, num_layers, bias=bias,
-                          bidirectional=bidirectional, proj_size=proj_size)
+                          bidirectional=bidirectional, proj_size=proj_size, peepholes=peepholes)
     return {name: rng.uniform(-bound, bound, size=shape) for name, shape in shapes.items()}
 
 
@@ -102,6 +169,7 @@ def _layer_weights(params, k, direction):
         "b_ih": params.get(f"bias_ih{sfx}"),  # (G,) or None
         "b_hh": params.get(f"bias_hh{sfx}"),  # (G,) or None
         "W_hr": params.get(f"weight_hr{sfx}"),  # (P, H) or None
+        "P": params.get(f"peephole{sfx}"),  # (3, H) rows i, f, o, or None
     }
 
 
@@ -109,27 +177,23 @@ def _time_order(T, reverse):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def _direction_forward(x, w, h0, c0, valid, reverse):
+def _direction_forward(x, w, h0, c0, valid, reverse, cell):
     """One layer, one direction.
 
-    x (T, B, F) input, h0 (B, O), c0 (B, H), valid (T, B) bool.
+    x (T, B, F) input, h0 (B, O), c0 (B, H), valid (T, B) bool, cell from ``_cell``.
     Returns out (T, B, O) (0 on padding), h_n (B, O), c_n (B, H), and the tape that the
     backward needs.
     """
     T, B, _ = x.shape
     H = w["W_hh"].shape[0] // 4
     O = w["W_hh"].shape[1]
-    tape = {
-        "x": x,  # (T, B, F)
-        "h_prev": np.zeros((T, B, O)),  # state entering step t
-        "c_prev": np.zeros((T, B, H)),
-        "i": np.zeros((T, B, H)),  # gate activations
-        "f": np.zeros((T, B, H)),
-        "g": np.zeros((T, B, H)),
-        "o": np.zeros((T, B, H)),
-        "tanh_c": np.zeros((T, B, H)),  # tanh(c_t)
-        "m": np.zeros((T, B, H)),  # o * tanh(c_t), before the projection
-    }
+    act_f, act_g, act_h = (fn for fn, _ in cell["acts"])
+    p = w["P"] if w["P"] is not None else np.zeros((3, H))  # peepholes i, f, o
+    zeros = {name: np.zeros((T, B, H)) for name in
+             ("c_prev", "c", "zi", "zf", "zg", "zo", "ki", "kf", "kg", "ko",
+              "i", "f", "g", "o", "h_c", "m")}
+    tape = {"x": x, "h_prev": np.zeros((T, B, O)), **zeros}
+    # z* are the clipped pre-activations, k* the clips' derivatives, h_c = h(c_t).
     out = np.zeros((T, B, O))
     h = h0.copy()  # (B, O)
     c = c0.copy()  # (B, H)
@@ -138,19 +202,23 @@ def _direction_forward(x, w, h0, c0, valid, reverse):
         z = x[t] @ w["W_ih"].T + h @ w["W_hh"].T  # (B, G)
         if w["b_ih"] is not None:
             z = z + w["b_ih"] + w["b_hh"]
-        s = sigmoid(z)  # (B, G); only the i, f, o rows are used
-        i = s[:, 0 * H:1 * H]  # (B, H)
-        f = s[:, 1 * H:2 * H]
-        g = np.tanh(z[:, 2 * H:3 * H])
-        o = s[:, 3 * H:4 * H]
+        zi, ki = _clip(z[:, 0 * H:1 * H] + p[0] * c, cell["clip"])  # (B, H)
+        zf, kf = _clip(z[:, 1 * H:2 * H] + p[1] * c, cell["clip"])
+        zg, kg = _clip(z[:, 2 * H:3 * H], cell["clip"])
+        i, g = act_f(zi), act_g(zg)
+        f = 1.0 - i if cell["input_forget"] else act_f(zf)
         c_new = f * c + i * g  # (B, H)
-        tanh_c = np.tanh(c_new)
-        m = o * tanh_c  # (B, H)
+        zo, ko = _clip(z[:, 3 * H:4 * H] + p[2] * c_new, cell["clip"])
+        o = act_f(zo)
+        h_c = act_h(c_new)
+        m = o * h_c  # (B, H)
         h_new = m @ w["W_hr"].T if w["W_hr"] is not None else m  # (B, O)
 
-        tape["h_prev"][t], tape["c_prev"][t] = h, c
-        tape["i"][t], tape["f"][t], tape["g"][t], tape["o"][t] = i, f, g, o
-        tape["tanh_c"][t], tape["m"][t] = tanh_c, m
+        for name, value in (("h_prev", h), ("c_prev", c), ("c", c_new), ("zi", zi), ("zf", zf),
+                            ("zg", zg), ("zo", zo), ("ki", ki), ("kf", kf), ("kg", kg),
+                            ("ko", ko), ("i", i), ("f", f), ("g", g), ("o", o), ("h_c", h_c),
+                            ("m", m)):
+            tape[name][t] = value
 
         out[t] = np.where(v, h_new, 0.0)
         h = np.where(v, h_new, h)  # padding: the state passes through unchanged
@@ -158,7 +226,7 @@ def _direction_forward(x, w, h0, c0, valid, reverse):
     return out, h, c, tape
 
 
-def _direction_backward(tape, w, dout, dh, dc, valid, reverse):
+def _direction_backward(tape, w, dout, dh, dc, valid, reverse, cell):
     """Backward of ``_direction_forward``.
 
     dout (T, B, O) gradient of out, dh (B, O) / dc (B, H) gradients of h_n / c_n.
@@ -167,6 +235,8 @@ def _direction_backward(tape, w, dout, dh, dc, valid, reverse):
     """
     x = tape["x"]
     T = x.shape[0]
+    d_f, d_g, d_h = (dfn for _, dfn in cell["acts"])
+    p = w["P"] if w["P"] is not None else np.zeros((3, tape["c"].shape[2]))
     dw = {name: np.zeros_like(value) for name, value in w.items() if value is not None}
     dx = np.zeros_like(x)  # (T, B, F)
     dh = dh.copy()  # (B, O) gradient of the state leaving step t
@@ -174,34 +244,41 @@ def _direction_backward(tape, w, dout, dh, dc, valid, reverse):
     # Walk the steps in the opposite order to the forward.
     for t in _time_order(T, not reverse):
         v = valid[t][:, None]  # (B, 1)
-        i, f, g, o = tape["i"][t], tape["f"][t], tape["g"][t], tape["o"][t]
-        tanh_c = tape["tanh_c"][t]
+        tp = {name: value[t] for name, value in tape.items() if name != "x"}
+        i, f, g, o, c_prev = tp["i"], tp["f"], tp["g"], tp["o"], tp["c_prev"]
 
         dh_t = dh + np.where(v, dout[t], 0.0)  # (B, O): out[t] is a constant 0 on padding
         if w["W_hr"] is not None:
-            dw["W_hr"] += np.where(v, dh_t, 0.0).T @ tape["m"][t]  # (P, H)
+            dw["W_hr"] += np.where(v, dh_t, 0.0).T @ tp["m"]  # (P, H)
             dm = dh_t @ w["W_hr"]  # (B, H)
         else:
             dm = dh_t
-        do = dm * tanh_c  # (B, H)
-        dc_t = dc + dm * o * (1.0 - tanh_c**2)  # total gradient of c_t
+        dzo = dm * tp["h_c"] * d_f(tp["zo"]) * tp["ko"]  # (B, H) pre-activation of o
+        dc_t = dc + dm * o * d_h(tp["c"]) + dzo * p[2]  # total gradient of c_t
         di = dc_t * g
-        df = dc_t * tape["c_prev"][t]
+        df = dc_t * c_prev
         dg = dc_t * i
-        dz = np.concatenate(  # (B, G) gradient of the pre-activations, rows i | f | g | o
-            [di * i * (1.0 - i), df * f * (1.0 - f), dg * (1.0 - g**2), do * o * (1.0 - o)],
-            axis=1,
-        )
+        if cell["input_forget"]:  # f = 1 - i
+            di, df = di - df, np.zeros_like(df)
+        dzi = di * d_f(tp["zi"]) * tp["ki"]
+        dzf = df * d_f(tp["zf"]) * tp["kf"]
+        dzg = dg * d_g(tp["zg"]) * tp["kg"]
+        dz = np.concatenate([dzi, dzf, dzg, dzo], axis=1)  # (B, G) rows i | f | g | o
         dz = np.where(v, dz, 0.0)  # padded steps contribute nothing
 
         dw["W_ih"] += dz.T @ x[t]  # (G, F)
-        dw["W_hh"] += dz.T @ tape["h_prev"][t]  # (G, O)
+        dw["W_hh"] += dz.T @ tp["h_prev"]  # (G, O)
         if "b_ih" in dw:
             dw["b_ih"] += dz.sum(axis=0)  # (G,)
             dw["b_hh"] += dz.sum(axis=0)
+        H = dzi.shape[1]
+        dzi, dzf, dzo = dz[:, :H], dz[:, H:2 * H], dz[:, 3 * H:]
+        if "P" in dw:
+            dw["P"] += np.stack([(dzi * c_prev).sum(0), (dzf * c_prev).sum(0),
+                                 (dzo * tp["c"]).sum(0)])
         dx[t] = dz @ w["W_ih"]  # (B, F)
         dh = np.where(v, dz @ w["W_hh"], dh)  # padding: gradients pass through unchanged
-        dc = np.where(v, dc_t * f, dc)
+        dc = np.where(v, dc_t * f + dzi * p[0] + dzf * p[1], dc)
     return dx, dh, dc, dw
 
 
@@ -214,12 +291,15 @@ def _as_float64(name, value, shape):
 
 
 def lstm_forward(params, x, *, hidden_size, num_layers=1, proj_size=0, bidirectional=False,
-                 h0=None, c0=None, lengths=None, dropout_masks=None):
+                 h0=None, c0=None, lengths=None, dropout_masks=None, reverse=False, clip=None,
+                 input_forget=False, activations=None):
     """Forward pass of a (multi-layer, optionally bidirectional, projected) LSTM.
 
-    params: PyTorch-named arrays (bias presence is read from the keys); x (T, B, I);
-    h0 (L*D, B, O) and c0 (L*D, B, H), zeros when None; lengths (B,) ints in [1, T] or
-    None (all T); dropout_masks: None or L-1 arrays (T, B, D*O), already scaled.
+    params: PyTorch-named arrays (bias and peephole presence are read from the keys);
+    x (T, B, I); h0 (L*D, B, O) and c0 (L*D, B, H), zeros when None; lengths (B,) ints
+    in [1, T] or None (all T); dropout_masks: None or L-1 arrays (T, B, D*O), already
+    scaled; reverse, clip, input_forget, activations: the cell options (module
+    docstring).
 
     Returns y (T, B, D*O), h_n (L*D, B, O), c_n (L*D, B, H), cache (for ``lstm_backward``).
     """
@@ -231,8 +311,12 @@ def lstm_forward(params, x, *, hidden_size, num_layers=1, proj_size=0, bidirecti
         raise ValueError(f"x must have shape (T, B, I), got {x.shape}")
     T, B, I = x.shape
     bias = "bias_ih_l0" in params
+    if reverse and bidirectional:
+        raise ValueError("reverse is for a unidirectional layer; bidirectional has both")
+    cell = _cell(clip, input_forget, activations)
 
-    expected = param_shapes(I, H, L, bias=bias, bidirectional=bidirectional, proj_size=P)
+    expected = param_shapes(I, H, L, bias=bias, bidirectional=bidirectional, proj_size=P,
+                            peepholes="peephole_l0" in params)
     if set(params) != set(expected):
         raise ValueError(f"params must have keys {sorted(expected)}, got {sorted(params)}")
     params = {name: _as_float64(name, params[name], shape) for name, shape in expected.items()}
@@ -266,7 +350,7 @@ def lstm_forward(params, x, *, hidden_size, num_layers=1, proj_size=0, bidirecti
             idx = k * D + d
             w = _layer_weights(params, k, d)
             out, h_n[idx], c_n[idx], tape = _direction_forward(
-                layer_in, w, h0[idx], c0[idx], valid, reverse=(d == 1))
+                layer_in, w, h0[idx], c0[idx], valid, (d == 1) or reverse, cell)
             y[:, :, d * O:(d + 1) * O] = out
             tapes[k].append(tape)
         if k < L - 1:
@@ -278,6 +362,8 @@ def lstm_forward(params, x, *, hidden_size, num_layers=1, proj_size=0, bidirecti
         "valid": valid,  # (T, B)
         "dropout_masks": dropout_masks,
         "tapes": tapes,
+        "reverse": reverse,
+        "cell": cell,
     }
     return y, h_n, c_n, cache
 
@@ -302,7 +388,7 @@ def lstm_backward(cache, dy, dh_n=None, dc_n=None):
     dh0 = np.zeros((L * D, B, O))
     dc0 = np.zeros((L * D, B, H))
     names = {"W_ih": "weight_ih", "W_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh",
-             "W_hr": "weight_hr"}
+             "W_hr": "weight_hr", "P": "peephole"}
 
     d_out = dy  # (T, B, D*O) gradient of layer k's output
     for k in reversed(range(L)):
@@ -312,7 +398,7 @@ def lstm_backward(cache, dy, dh_n=None, dc_n=None):
             w = _layer_weights(params, k, d)
             dx_d, dh0[idx], dc0[idx], dw = _direction_backward(
                 cache["tapes"][k][d], w, d_out[:, :, d * O:(d + 1) * O], dh_n[idx], dc_n[idx],
-                valid, reverse=(d == 1))
+                valid, (d == 1) or cache["reverse"], cache["cell"])
             d_in += dx_d  # both directions read the same input
             for short, value in dw.items():
                 grads[f"{names[short]}_l{k}{_suffix(d)}"] += value
