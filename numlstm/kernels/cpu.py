@@ -527,6 +527,163 @@ def _cell_backward(act, dc, dr, c, c_prev):
         dc[j] = dcc * f
 
 
+# The cell options of ONNX's LSTM (peepholes, clip, coupled input-forget gate,
+# other activations) cross into the kernels as ``cell``: the empty tuple for
+# the plain LSTM, which the kernels' default leaves on the code above (the
+# choice is made when numba types the call, so the plain path has no branch),
+# or ``(kinds, params, peep, dpeep)`` for a variant cell (``numlstm.cell``):
+#   kinds  (3,) int64: the activation codes of f (gates i, f, o), g, h;
+#   params (8,) model dtype: alpha, beta of f, g, h; clip (inf = none);
+#          input_forget (1 = f is 1 - i);
+#   peep   (3, H): peephole weights p_i, p_f, p_o, or (0, H) for none;
+#   dpeep  (3, H): their gradient, accumulated by the backward, or (0, H).
+# A variant cell keeps the raw pre-activations in ``act`` (its tape: the
+# backward recomputes the activations, their derivatives and the clip's).
+
+SIGMOID, TANH, RELU, HARD_SIGMOID, AFFINE = range(5)
+
+
+@njit(inline="always", **_OPTS)
+def _activate(kind, a, b, z):
+    """Activation ``kind`` (codes above) with parameters a, b at z."""
+    if kind == SIGMOID:
+        return sigmoid(z)
+    if kind == TANH:
+        return tanh(z)
+    if kind == RELU:
+        return max(z, z * 0)
+    if kind == HARD_SIGMOID:
+        return min(max(a * z + b, z * 0), z * 0 + 1)
+    return a * z + b
+
+
+@njit(inline="always", **_OPTS)
+def _activate_grad(kind, a, b, z):
+    """Derivative of activation ``kind`` at z (0 at a kink's far side)."""
+    if kind == SIGMOID:
+        s = sigmoid(z)
+        return s * (1 - s)
+    if kind == TANH:
+        t = tanh(z)
+        return 1 - t * t
+    if kind == RELU:
+        return z * 0 + (1 if z > 0 else 0)
+    if kind == HARD_SIGMOID:
+        y = a * z + b
+        return a if 0 < y < 1 else a * 0
+    return a + z * 0
+
+
+@njit(inline="always", **_OPTS)
+def _clip(z, clip):
+    return min(max(z, -clip), clip)
+
+
+@njit(**_OPTS)
+def _variant_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, kinds, params, peep):
+    """``_cell_forward`` of a variant cell (``cell`` above): act (G,) holds
+    x_t W_ih^T on entry and the raw pre-activations z_i, z_f, z_g, z_o (bias
+    and peephole terms in, before the clip) on exit."""
+    H = act.shape[0] // 4
+    kf, kg, kh = kinds[0], kinds[1], kinds[2]
+    af, bf, ag, bg, ah, bh, clip = (params[0], params[1], params[2], params[3], params[4],
+                                    params[5], params[6])
+    coupled = params[7] != 0
+    peeped = peep.shape[0] > 0
+    for q in range(act.shape[0]):
+        act[q] += rec[q] + bias_ih[q] + bias_hh[q]
+    for j in range(H):
+        cp = c_prev[j]
+        zi = act[j]
+        zf = act[H + j]
+        if peeped:
+            zi += peep[0, j] * cp
+            zf += peep[1, j] * cp
+        i = _activate(kf, af, bf, _clip(zi, clip))
+        g = _activate(kg, ag, bg, _clip(act[2 * H + j], clip))
+        f = 1 - i if coupled else _activate(kf, af, bf, _clip(zf, clip))
+        c = f * cp + i * g
+        zo = act[3 * H + j] + (peep[2, j] * c if peeped else 0)
+        o = _activate(kf, af, bf, _clip(zo, clip))
+        act[j] = zi
+        act[H + j] = zf
+        act[3 * H + j] = zo
+        c_out[j] = c
+        r_out[j] = o * _activate(kh, ah, bh, c)
+
+
+@njit(**_OPTS)
+def _variant_backward(act, dc, dr, c, c_prev, kinds, params, peep, dpeep):
+    """``_cell_backward`` of a variant cell: act (G,) holds the raw
+    pre-activations on entry and dz on exit; the peepholes' gradient is
+    added to dpeep (3, H)."""
+    H = dc.shape[0]
+    kf, kg, kh = kinds[0], kinds[1], kinds[2]
+    af, bf, ag, bg, ah, bh, clip = (params[0], params[1], params[2], params[3], params[4],
+                                    params[5], params[6])
+    coupled = params[7] != 0
+    peeped = peep.shape[0] > 0
+    for j in range(H):
+        zi, zf, zg, zo = act[j], act[H + j], act[2 * H + j], act[3 * H + j]
+        # The clip passes no gradient where it bites.
+        ki = 1 if abs(zi) <= clip else 0
+        kfg = 1 if abs(zf) <= clip else 0
+        kgg = 1 if abs(zg) <= clip else 0
+        ko = 1 if abs(zo) <= clip else 0
+        zi, zf, zg, zo = _clip(zi, clip), _clip(zf, clip), _clip(zg, clip), _clip(zo, clip)
+        i = _activate(kf, af, bf, zi)
+        g = _activate(kg, ag, bg, zg)
+        f = 1 - i if coupled else _activate(kf, af, bf, zf)
+        o = _activate(kf, af, bf, zo)
+        cj = c[j]
+        dzo = dr[j] * _activate(kh, ah, bh, cj) * _activate_grad(kf, af, bf, zo) * ko
+        dcc = dc[j] + dr[j] * o * _activate_grad(kh, ah, bh, cj)
+        if peeped:
+            dcc += dzo * peep[2, j]
+        di = dcc * g
+        df = dcc * c_prev[j]
+        if coupled:  # f = 1 - i
+            di -= df
+            df = df * 0
+        dzi = di * _activate_grad(kf, af, bf, zi) * ki
+        dzf = df * _activate_grad(kf, af, bf, zf) * kfg
+        act[j] = dzi
+        act[H + j] = dzf
+        act[2 * H + j] = dcc * i * _activate_grad(kg, ag, bg, zg) * kgg
+        act[3 * H + j] = dzo
+        dc[j] = dcc * f
+        if peeped:
+            dc[j] += dzi * peep[0, j] + dzf * peep[1, j]
+            dpeep[0, j] += dzi * c_prev[j]
+            dpeep[1, j] += dzf * c_prev[j]
+            dpeep[2, j] += dzo * cj
+
+
+def _cell_step(cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh):
+    """The cell's forward for one batch row: plain or variant, by ``cell``'s type."""
+
+
+@overload(_cell_step, jit_options=_OPTS)
+def _cell_step_overload(cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh):
+    if len(cell) == 0:
+        return lambda cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh: _cell_forward(
+            c_out, act, r_out, c_prev, rec, bias_ih, bias_hh)
+    return lambda cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh: _variant_forward(
+        c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, cell[0], cell[1], cell[2])
+
+
+def _cell_step_back(cell, act, dc, dr, c, c_prev):
+    """The cell's backward for one batch row: plain or variant, by ``cell``'s type."""
+
+
+@overload(_cell_step_back, jit_options=_OPTS)
+def _cell_step_back_overload(cell, act, dc, dr, c, c_prev):
+    if len(cell) == 0:
+        return lambda cell, act, dc, dr, c, c_prev: _cell_backward(act, dc, dr, c, c_prev)
+    return lambda cell, act, dc, dr, c, c_prev: _variant_backward(
+        act, dc, dr, c, c_prev, cell[0], cell[1], cell[2], cell[3])
+
+
 @njit(inline="always", **_OPTS)
 def _carry(act, cs, hs, rs, t, b, projected):
     """Padding step t of row b: activations zero, state carried unchanged."""
@@ -545,7 +702,7 @@ def _carry(act, cs, hs, rs, t, b, projected):
 def lstm_step(h, c, gates, r, x,
               wih, wih_data, wih_indices, wih_indptr, bias_ih, bias_hh,
               whh, whh_data, whh_indices, whh_indptr,
-              whr, whr_data, whr_indices, whr_indptr):
+              whr, whr_data, whr_indices, whr_indptr, cell=()):
     """One LSTM step for a whole batch, state updated in place (streaming).
 
     Shapes: h (B, O) and c (B, H) state, read as h_{t-1}, c_{t-1} and
@@ -554,7 +711,8 @@ def lstm_step(h, c, gates, r, x,
     it is copied into c; r (B, H)
     (= o*tanh(c), the projection's input; (0, H) when P = 0); x (B, K);
     bias_ih, bias_hh (G,) (zeros for a model without bias); W_ih (G, K),
-    W_hh (G, O), W_hr (P, H) (any arrays when P = 0).
+    W_hh (G, O), W_hr (P, H) (any arrays when P = 0); cell: the cell options
+    (() for the plain LSTM; see "The cell options" above).
     Both products read h before the cell update writes it.
     """
     act, rec, c_new = gates[0], gates[1], gates[2]
@@ -562,8 +720,8 @@ def lstm_step(h, c, gates, r, x,
     matmul(rec, h, whh, whh_data, whh_indices, whh_indptr)
     projected = r.shape[0] > 0
     for b in range(act.shape[0]):
-        _cell_forward(c_new[b], act[b], r[b] if projected else h[b], c[b], rec[b],
-                      bias_ih, bias_hh)
+        _cell_step(cell, c_new[b], act[b], r[b] if projected else h[b], c[b], rec[b],
+                   bias_ih, bias_hh)
         for j in range(c.shape[1]):
             c[b, j] = c_new[b, j]
     if projected:
@@ -573,12 +731,13 @@ def lstm_step(h, c, gates, r, x,
 @njit(**_OPTS)
 def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
                      whh, whh_data, whh_indices, whh_indptr,
-                     whr, whr_data, whr_indices, whr_indptr):
+                     whr, whr_data, whr_indices, whr_indptr, cell=()):
     """Forward recurrence of one layer and direction over a whole sequence.
 
     Shapes: hs (T+1, B, O) and cs (T+1, B, H) with hs[0], cs[0] = h0, c0 on
     entry and hs[t+1], cs[t+1] the state after step t on exit; gates (T, B, G)
-    holds x_t W_ih^T on entry and the activations i, f, g, o on exit;
+    holds x_t W_ih^T on entry and the activations i, f, g, o on exit (a
+    variant ``cell``'s raw pre-activations);
     rs (T, B, H) receives o*tanh(c) when projecting (else (0, B, H));
     scratch (B, G); lengths (B,) int64 in [0, T]; bias_ih, bias_hh (G,)
     (zeros for a model without bias).
@@ -593,8 +752,8 @@ def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
         act = gates[t]
         for b in range(act.shape[0]):
             if t < lengths[b]:
-                _cell_forward(cs[t + 1, b], act[b], rs[t, b] if projected else hs[t + 1, b],
-                              cs[t, b], scratch[b], bias_ih, bias_hh)
+                _cell_step(cell, cs[t + 1, b], act[b], rs[t, b] if projected else hs[t + 1, b],
+                           cs[t, b], scratch[b], bias_ih, bias_hh)
             else:
                 _carry(act, cs, hs, rs, t, b, projected)
         if projected:
@@ -609,7 +768,7 @@ def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
 def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
                       dy, hs, cs, rs, lengths,
                       whh, whh_data_t, whh_indices_t, whh_indptr_t,
-                      whr, whr_data_t, whr_indices_t, whr_indptr_t):
+                      whr, whr_data_t, whr_indices_t, whr_indptr_t, cell=()):
     """Backward recurrence (BPTT) of one layer and direction.
 
     Shapes: dh (B, O) and dc (B, H) hold dh_n, dc_n on entry and dh0, dc0 on
@@ -620,6 +779,8 @@ def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
     dy (T, B, O) the gradient of this direction's outputs; hs, cs, rs, lengths
     as left by ``lstm_seq_forward``. W_hh and W_hr come dense, or as the
     transposed CSR pattern, since the products here are with W, not W^T.
+    cell as given to the forward (a variant's peephole gradient is added to
+    its dpeep).
     """
     T = gates.shape[0]
     projected = rs.shape[0] > 0
@@ -638,7 +799,7 @@ def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
             dr = dcur
         for b in range(act.shape[0]):
             if t < lengths[b]:  # padding: dh, dc pass through; act is already zero
-                _cell_backward(act[b], dc[b], dr[b], cs[t + 1, b], cs[t, b])
+                _cell_step_back(cell, act[b], dc[b], dr[b], cs[t + 1, b], cs[t, b])
         matmul_t(scratch_o, act, whh, whh_data_t, whh_indices_t, whh_indptr_t)
         for b in range(act.shape[0]):
             if t < lengths[b]:

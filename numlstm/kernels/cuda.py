@@ -321,6 +321,146 @@ def _build(ft):
         act[b, 3 * H + j] = dr[b, j] * tc * o * (one - o)
         dc[b, j] = dcc * f
 
+    # A variant cell (kernels/cpu.py, "The cell options"): the same two steps
+    # with ONNX's peepholes, clip, coupled input-forget gate and activations.
+    # Their own kernels, chosen by the host: the plain kernels above keep no
+    # branch for them.
+
+    @_device
+    def activate(kind, a, b, z):
+        """Activation ``kind`` (kernels/cpu.py's codes) with parameters a, b at z."""
+        if kind == 0:
+            return sigmoid(z)
+        if kind == 1:
+            return math.tanh(z)
+        if kind == 2:
+            return z if z > zero else zero
+        if kind == 3:
+            y = a * z + b
+            return zero if y < zero else (one if y > one else y)
+        return a * z + b
+
+    @_device
+    def activate_grad(kind, a, b, z):
+        """Derivative of activation ``kind`` at z."""
+        if kind == 0:
+            s = sigmoid(z)
+            return s * (one - s)
+        if kind == 1:
+            th = math.tanh(z)
+            return one - th * th
+        if kind == 2:
+            return one if z > zero else zero
+        if kind == 3:
+            y = a * z + b
+            return a if zero < y < one else zero
+        return a
+
+    @_device
+    def clip_to(z, clip):
+        return -clip if z < -clip else (clip if z > clip else z)
+
+    @cuda.jit
+    def _variant_forward_kernel(c_out, h_out, act, c_prev, h_prev, rec, bias_ih, bias_hh,
+                                lengths, t, carry_h, kinds, params, peep):
+        """``_cell_forward_kernel`` of a variant cell: act (B, G) keeps the raw
+        pre-activations (bias and peephole terms in, before the clip); kinds
+        (3,), params (8,), peep (3, H) or (0, H) as the CPU's ``cell``."""
+        e = cuda.grid(1)
+        H = c_out.shape[1]
+        if e >= c_out.shape[0] * H:
+            return
+        b = e // H
+        j = e - b * H
+        if lengths.shape[0] == 0 or t < lengths[b]:
+            kf, kg, kh = kinds[0], kinds[1], kinds[2]
+            clip = params[6]
+            cp = c_prev[b, j]
+            zi = act[b, j] + rec[b, j] + bias_ih[j] + bias_hh[j]
+            zf = act[b, H + j] + rec[b, H + j] + bias_ih[H + j] + bias_hh[H + j]
+            zg = act[b, 2 * H + j] + rec[b, 2 * H + j] + bias_ih[2 * H + j] + bias_hh[2 * H + j]
+            zo = act[b, 3 * H + j] + rec[b, 3 * H + j] + bias_ih[3 * H + j] + bias_hh[3 * H + j]
+            if peep.shape[0] > 0:
+                zi += peep[0, j] * cp
+                zf += peep[1, j] * cp
+            i = activate(kf, params[0], params[1], clip_to(zi, clip))
+            g = activate(kg, params[2], params[3], clip_to(zg, clip))
+            if params[7] != zero:
+                f = one - i
+            else:
+                f = activate(kf, params[0], params[1], clip_to(zf, clip))
+            c = f * cp + i * g
+            if peep.shape[0] > 0:
+                zo += peep[2, j] * c
+            o = activate(kf, params[0], params[1], clip_to(zo, clip))
+            act[b, j] = zi
+            act[b, H + j] = zf
+            act[b, 2 * H + j] = zg
+            act[b, 3 * H + j] = zo
+            c_out[b, j] = c
+            h_out[b, j] = o * activate(kh, params[4], params[5], c)
+        else:
+            act[b, j] = zero
+            act[b, H + j] = zero
+            act[b, 2 * H + j] = zero
+            act[b, 3 * H + j] = zero
+            c_out[b, j] = c_prev[b, j]
+            h_out[b, j] = h_prev[b, j] if carry_h else zero
+
+    @cuda.jit
+    def _variant_backward_kernel(act, dc, dr, c, c_prev, lengths, t, kinds, params, peep,
+                                 dpeep):
+        """``_cell_backward_kernel`` of a variant cell: act (B, G) holds the raw
+        pre-activations on entry and dz on exit; the peepholes' gradient is
+        added to dpeep (3, H) (atomically: the batch rows share it)."""
+        e = cuda.grid(1)
+        H = dc.shape[1]
+        if e >= dc.shape[0] * H:
+            return
+        b = e // H
+        j = e - b * H
+        if t >= lengths[b]:
+            return
+        kf, kg, kh = kinds[0], kinds[1], kinds[2]
+        af, bf, clip = params[0], params[1], params[6]
+        zi, zf, zg, zo = act[b, j], act[b, H + j], act[b, 2 * H + j], act[b, 3 * H + j]
+        # The clip passes no gradient where it bites.
+        ki = one if abs(zi) <= clip else zero
+        kfg = one if abs(zf) <= clip else zero
+        kgg = one if abs(zg) <= clip else zero
+        ko = one if abs(zo) <= clip else zero
+        zi, zf, zg, zo = clip_to(zi, clip), clip_to(zf, clip), clip_to(zg, clip), clip_to(zo, clip)
+        i = activate(kf, af, bf, zi)
+        g = activate(kg, params[2], params[3], zg)
+        coupled = params[7] != zero
+        f = one - i if coupled else activate(kf, af, bf, zf)
+        o = activate(kf, af, bf, zo)
+        cj = c[b, j]
+        drj = dr[b, j]
+        dzo = drj * activate(kh, params[4], params[5], cj) * activate_grad(kf, af, bf, zo) * ko
+        dcc = dc[b, j] + drj * o * activate_grad(kh, params[4], params[5], cj)
+        peeped = peep.shape[0] > 0
+        if peeped:
+            dcc += dzo * peep[2, j]
+        di = dcc * g
+        df = dcc * c_prev[b, j]
+        if coupled:  # f = 1 - i
+            di -= df
+            df = zero
+        dzi = di * activate_grad(kf, af, bf, zi) * ki
+        dzf = df * activate_grad(kf, af, bf, zf) * kfg
+        act[b, j] = dzi
+        act[b, H + j] = dzf
+        act[b, 2 * H + j] = dcc * i * activate_grad(kg, params[2], params[3], zg) * kgg
+        act[b, 3 * H + j] = dzo
+        dcj = dcc * f
+        if peeped:
+            dcj += dzi * peep[0, j] + dzf * peep[1, j]
+            cuda.atomic.add(dpeep, (0, j), dzi * c_prev[b, j])
+            cuda.atomic.add(dpeep, (1, j), dzf * c_prev[b, j])
+            cuda.atomic.add(dpeep, (2, j), dzo * cj)
+        dc[b, j] = dcj
+
     @cuda.jit
     def _dcur_kernel(dcur, dh, dy_t, lengths, t):
         """dcur (B, O) = dh + dy_t on valid rows, 0 on padded rows."""
@@ -577,6 +717,8 @@ def _build(ft):
         _sddmm_kernel=_sddmm_kernel,
         _cell_forward_kernel=_cell_forward_kernel,
         _cell_backward_kernel=_cell_backward_kernel,
+        _variant_forward_kernel=_variant_forward_kernel,
+        _variant_backward_kernel=_variant_backward_kernel,
         _dcur_kernel=_dcur_kernel,
         _copy_rows_kernel=_copy_rows_kernel,
         _gather_blocks_t_kernel=_gather_blocks_t_kernel,
@@ -786,13 +928,25 @@ def bsr_sddmm_acc(gdata, dz_t, a_t, indices, indptr, *, stream=0):
                    (flat, dz_t, a_t, indices, indptr, br, bc), stream)
 
 
+def _cell_kernel(dtype, which, cell):
+    """(kernel, extra arguments) of the cell step ``which`` ("forward" or
+    "backward") for ``cell``: the plain kernel for (), else the variant's with
+    kinds, params, peep (and dpeep for the backward) appended."""
+    ks = _kernels(dtype)
+    if len(cell) == 0:
+        return ks[f"_cell_{which}_kernel"], ()
+    kinds, params, peep, dpeep = map(_dev, cell)
+    extra = (kinds, params, peep) + ((dpeep,) if which == "backward" else ())
+    return ks[f"_variant_{which}_kernel"], extra
+
+
 def lstm_step(h, c, gates, r, x,
               wih, wih_data, wih_indices, wih_indptr, bias_ih, bias_hh,
               whh, whh_data, whh_indices, whh_indptr,
-              whr, whr_data, whr_indices, whr_indptr, *, stream=0):
+              whr, whr_data, whr_indices, whr_indptr, cell=(), *, stream=0):
     """One LSTM step for a whole batch, state updated in place (streaming).
 
-    Shapes as the CPU's ``lstm_step``: h (B, O), c (B, H) read as h_{t-1},
+    Shapes and ``cell`` as the CPU's ``lstm_step``: h (B, O), c (B, H) read as h_{t-1},
     c_{t-1} and overwritten with h_t, c_t; gates (3, B, G): [0] receives the
     activations, [1] the recurrent product, [2] is unused here (the fused cell
     kernel updates c in place); r (B, H) or (0, H) without projection; x (B, K).
@@ -804,20 +958,21 @@ def lstm_step(h, c, gates, r, x,
     matmul(rec, h, whh, whh_data, whh_indices, whh_indptr, stream=stream)
     projected = r.shape[0] > 0
     B, H = c.shape
-    _launch_1d(_kernels(c.dtype)["_cell_forward_kernel"], B * H,
+    kernel, extra = _cell_kernel(c.dtype, "forward", cell)
+    _launch_1d(kernel, B * H,
                (c, r if projected else h, act, c, h, rec, _dev(bias_ih), _dev(bias_hh),
-                _no_lengths(), 0, 0), stream)
+                _no_lengths(), 0, 0) + extra, stream)
     if projected:
         matmul(h, r, whr, whr_data, whr_indices, whr_indptr, stream=stream)
 
 
 def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
                      whh, whh_data, whh_indices, whh_indptr,
-                     whr, whr_data, whr_indices, whr_indptr, *, stream=0):
+                     whr, whr_data, whr_indices, whr_indptr, cell=(), *, stream=0):
     """Forward recurrence of one layer and direction, one launch per kernel
     per step (see ``lstm_seq_forward_persistent`` for the one-launch form).
 
-    Shapes as the CPU's: hs (T+1, B, O), cs (T+1, B, H) with hs[0], cs[0] =
+    Shapes and ``cell`` as the CPU's: hs (T+1, B, O), cs (T+1, B, H) with hs[0], cs[0] =
     h0, c0 on entry; gates (T, B, G) holds x_t W_ih^T on entry and i, f, g, o
     on exit; rs (T, B, H) (or (0, B, H) without projection); scratch (B, G);
     lengths (B,) int64 in [0, T] (steps t >= lengths[b] carry row b's state
@@ -829,11 +984,13 @@ def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
     T, B = gates.shape[0], gates.shape[1]
     H, O = cs.shape[2], hs.shape[2]
     projected = rs.shape[0] > 0
+    cell_kernel, extra = _cell_kernel(gates.dtype, "forward", cell)
     for t in range(T):
         matmul(scratch, hs[t], whh, whh_data, whh_indices, whh_indptr, stream=stream)
-        _launch_1d(ks["_cell_forward_kernel"], B * H,
+        _launch_1d(cell_kernel, B * H,
                    (cs[t + 1], rs[t] if projected else hs[t + 1], gates[t], cs[t], hs[t],
-                    scratch, bias_ih, bias_hh, lengths, t, 0 if projected else 1), stream)
+                    scratch, bias_ih, bias_hh, lengths, t, 0 if projected else 1) + extra,
+                   stream)
         if projected:
             matmul(hs[t + 1], rs[t], whr, whr_data, whr_indices, whr_indptr, stream=stream)
             _launch_1d(ks["_copy_rows_kernel"], B * O, (hs[t + 1], hs[t], lengths, t, 0),
@@ -843,10 +1000,10 @@ def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
 def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
                       dy, hs, cs, rs, lengths,
                       whh, whh_data_t, whh_indices_t, whh_indptr_t,
-                      whr, whr_data_t, whr_indices_t, whr_indptr_t, *, stream=0):
+                      whr, whr_data_t, whr_indices_t, whr_indptr_t, cell=(), *, stream=0):
     """Backward recurrence (BPTT) of one layer and direction.
 
-    Shapes as the CPU's: dh (B, O), dc (B, H) hold dh_n, dc_n on entry and
+    Shapes and ``cell`` as the CPU's: dh (B, O), dc (B, H) hold dh_n, dc_n on entry and
     dh0, dc0 on exit; gates (T, B, G) holds the activations on entry and dz on
     exit; dhs (T, B, O) (or (0, B, O) without projection) receives the
     gradient reaching each h_t; scratch_o (B, O), scratch_h (B, H); dy
@@ -859,6 +1016,7 @@ def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
     T, B = gates.shape[0], gates.shape[1]
     H, O = dc.shape[1], dh.shape[1]
     projected = _dev(rs).shape[0] > 0
+    cell_kernel, extra = _cell_kernel(gates.dtype, "backward", cell)
     for t in range(T - 1, -1, -1):
         act = gates[t]
         dcur = dhs[t] if projected else scratch_o  # gradient reaching h_t
@@ -869,8 +1027,8 @@ def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
             dr = scratch_h
         else:
             dr = dcur
-        _launch_1d(ks["_cell_backward_kernel"], B * H, (act, dc, dr, cs[t + 1], cs[t],
-                                                        lengths, t), stream)
+        _launch_1d(cell_kernel, B * H, (act, dc, dr, cs[t + 1], cs[t], lengths, t) + extra,
+                   stream)
         matmul_t(scratch_o, act, whh, whh_data_t, whh_indices_t, whh_indptr_t, stream=stream)
         _launch_1d(ks["_copy_rows_kernel"], B * O, (dh, scratch_o, lengths, t, 1), stream)
 
@@ -1055,6 +1213,8 @@ def _signature(name, ft, index=int32):
         "_sddmm_kernel": (a1, a2, a2, i1, i1, n, n, n),
         "_cell_forward_kernel": (a2, a2, a2, a2, a2, a2, a1, a1, l1, n, n),
         "_cell_backward_kernel": (a2, a2, a2, a2, a2, l1, n),
+        "_variant_forward_kernel": (a2, a2, a2, a2, a2, a2, a1, a1, l1, n, n, l1, a1, a2),
+        "_variant_backward_kernel": (a2, a2, a2, a2, a2, l1, n, l1, a1, a2, a2),
         "_dcur_kernel": (a2, a2, a2, l1, n),
         "_copy_rows_kernel": (a2, a2, l1, n, n),
         "_gather_blocks_t_kernel": (a3, a3, l1),
@@ -1068,7 +1228,8 @@ def _signature(name, ft, index=int32):
 
 # Kernels whose speed matters: the PTX test requires them not to spill.
 HOT = ("_gemm_kernel", "_csr_matmul_kernel", "_bsr_matmul_kernel", "_sddmm_kernel",
-       "_cell_forward_kernel", "_cell_backward_kernel", "_persistent_forward_kernel")
+       "_cell_forward_kernel", "_cell_backward_kernel", "_persistent_forward_kernel",
+       "_variant_forward_kernel", "_variant_backward_kernel")
 
 # (name, dtype, index dtype, kernel, argument types) for every real kernel,
 # float32 and float64, with uint16 indices too where a kernel takes indices.
