@@ -24,7 +24,8 @@ from numlstm.workspace import Workspace, plan_nbytes
 CHUNK = 256  # rows per batched product: past ~256 rows a GEMM is at its rate, and
 # the work buffers (gates alone are 3 * 4H values a row) stay bounded for any capacity
 
-_INDEX_BYTES = 8 + 8 + 1  # per slot: the ids buffer (int64), the duplicate marks, live
+_INDEX_BYTES = 8 + 8 + 8 + 1  # per slot: the ids buffer, the duplicate marks, the free
+# stack (int64 each) and the open flag (uint8)
 
 
 def _check_capacity(value, name):
@@ -59,7 +60,7 @@ def pool_memory(model, capacity, chunk=CHUNK):
         ``states`` (h and c of every layer for every slot, with the input and
         output rows of a full step), ``workspace`` (the work rows of one
         chunk: min(capacity, chunk) rows of states, inputs, gates and
-        projection inputs), ``index`` (per-slot ids, marks and flags) and
+        projection inputs), ``index`` (per-slot ids, marks, free stack and flags) and
         ``total``. The weights are the model's, not counted here. Exact to
         the byte: the pool carves these very specs.
     """
@@ -137,7 +138,10 @@ class StreamPool:
         self._mark = np.zeros(S, np.int64)
         self._live = np.zeros(S, np.uint8)
         self._tick = np.zeros(1, np.int64)
-        self._free = list(range(S - 1, -1, -1))  # a stack: the lowest free slot is opened next
+        # Free slots as a stack in an array (a Python list of ints would cost ~36
+        # bytes a slot): the lowest free slot is opened next.
+        self._free = np.arange(S - 1, -1, -1, dtype=np.int64)
+        self._nfree = S
         self._lock = threading.Lock()
         self._bind()
 
@@ -173,7 +177,7 @@ class StreamPool:
 
     def __len__(self):
         """The number of open sessions."""
-        return self.capacity - len(self._free)
+        return self.capacity - self._nfree
 
     @property
     def dtype(self):
@@ -221,10 +225,11 @@ class StreamPool:
         if state is not None:
             h, c = self._check_one_state(state)
         with self._lock:
-            if not self._free:
+            if self._nfree == 0:
                 raise RuntimeError(f"the pool is full: {self.capacity} sessions open; close "
                                    "one first, or make a pool with a larger capacity")
-            sid = self._free.pop()
+            self._nfree -= 1
+            sid = int(self._free[self._nfree])
             if state is None:
                 self._h[:, sid] = 0
                 self._c[:, sid] = 0
@@ -240,7 +245,8 @@ class StreamPool:
         with self._lock:
             sid = self._check_sid(sid)
             self._live[sid] = 0
-            self._free.append(sid)
+            self._free[self._nfree] = sid
+            self._nfree += 1
 
     def is_open(self, sid):
         """Whether ``sid`` names an open session."""
@@ -348,8 +354,8 @@ class StreamPool:
         """Bytes held, by part (``states``, ``workspace``, ``index``, ``total``),
         as ``pool_memory`` predicts them. The model's weights are not counted."""
         parts = {"states": self._states_ws.nbytes, "workspace": self._work_ws.nbytes,
-                 "index": self._sids.nbytes + self._mark.nbytes + self._live.nbytes
-                 + self._tick.nbytes}
+                 "index": self._sids.nbytes + self._mark.nbytes + self._free.nbytes
+                 + self._live.nbytes + self._tick.nbytes}
         parts["total"] = sum(parts.values())
         return parts
 
