@@ -1,7 +1,10 @@
-"""A lightweight inference service: a saved model behind a JSON HTTP API, one
-stream per client session. Standard library only (``http.server``).
+"""A lightweight inference service: a saved model behind a JSON HTTP API, each
+client session a slot of one ``StreamPool``, steps batched across sessions.
+Standard library only (``http.server``).
 
-    python examples/service.py MODEL.npz [--port 8000] [--host 127.0.0.1] [limits]
+    python examples/service.py MODEL.npz [--port 8000] [--host 127.0.0.1]
+                               [--mode pool|streams|noop] [--max-batch N]
+                               [--max-delay S] [limits]
 
 Endpoints (JSON bodies and replies):
 
@@ -13,9 +16,21 @@ Endpoints (JSON bodies and replies):
 ``POST /sessions/<id>/reset``    back to the zero state
 ``DELETE /sessions/<id>``        end the session
 
-Each session owns a ``Stream`` of the shared, read-only model (streams of one
-model may step in different threads at once); a session's own steps are
-serialised by its lock. Bad requests get a 4xx status (501 for
+Modes (``--mode``):
+
+- ``pool`` (default): every session is a slot of one ``numlstm.StreamPool``
+  (capacity ``max_sessions``); request threads submit their step to one
+  ``numlstm.serve.Batcher``, whose worker steps every session that has a
+  request waiting in one batched call (up to ``--max-batch`` sessions,
+  waiting at most ``--max-delay`` seconds for a batch to fill);
+- ``streams``: each session owns a ``Stream`` of the shared, read-only model
+  and steps it in its request's thread (batch 1 per request: the mode before
+  the pool, kept for comparison);
+- ``noop``: sessions and input checks as usual, but a step returns zeros
+  without running any model: the HTTP layer's own limit, for load tests.
+
+In every mode a session's own steps are serialised by its lock, so its
+requests are answered in order. Bad requests get a 4xx status (501 for
 ``Transfer-Encoding``) and ``{"error": message}``: malformed JSON, wrong
 shapes, values that are not numbers (booleans, strings) or not finite in the
 model's dtype, unknown sessions or paths, other methods, too many sessions,
@@ -123,12 +138,70 @@ class Limits:
                 raise ValueError(f"{field.name} must be a positive number, got {value!r}")
 
 
+MODES = ("pool", "streams", "noop")
+
+
+class _PoolSlot:
+    """A session's slot in the service's pool, with a ``Stream``'s interface
+    (``step``, ``state``, ``reset``) so that ``Service.step`` runs unchanged
+    in every mode; steps go through the batcher."""
+
+    def __init__(self, batcher, sid):
+        self.batcher, self.pool, self.sid = batcher, batcher.pool, sid
+
+    def step(self, x_t):
+        """x_t (1, I) -> h_t (1, O), batched with the other sessions' steps."""
+        return self.batcher.submit(self.sid, x_t).result()[None]
+
+    @property
+    def state(self):
+        h, c = self.pool.state(self.sid)
+        return h[:, None], c[:, None]  # (L, 1, O), (L, 1, H): as a Stream of batch 1
+
+    def reset(self, state=None):
+        if state is None:
+            h = np.zeros((self.pool.model.num_layers, self.pool.model.output_size))
+            c = np.zeros((self.pool.model.num_layers, self.pool.model.hidden_size))
+        else:
+            h, c = state[0][:, 0], state[1][:, 0]
+        self.pool.set_state(self.sid, (h, c))
+
+    def close(self):
+        self.pool.close(self.sid)
+
+
+class _NoopSlot:
+    """A session that runs no model: its steps return zeros (``--mode noop``)."""
+
+    def __init__(self, model):
+        self.zeros = np.zeros((1, model.output_size), model.dtype)
+        self.state = (np.zeros((1, 1, 1)), np.zeros((1, 1, 1)))
+
+    def step(self, x_t):
+        return self.zeros
+
+    def reset(self, state=None):
+        pass
+
+
 class _Session:
-    def __init__(self, model, client):
-        self.stream = model.stream(1)
+    def __init__(self, stream, client):
+        self.stream = stream  # a Stream, a _PoolSlot or a _NoopSlot
         self.lock = threading.Lock()
         self.client = client  # the IP address that created it
         self.last_used = time.monotonic()
+        self.ended = False  # set under the lock when the session ends
+
+    def end(self):
+        """Free what the session holds, after any step of it in flight: a pool
+        slot is reused by the next session, so a request that found this
+        session before it ended must not step the slot afterwards (it sees
+        ``ended`` under the lock instead)."""
+        with self.lock:
+            self.ended = True
+            close = getattr(self.stream, "close", None)
+            if close is not None:
+                close()
 
 
 class BadRequest(Exception):
@@ -146,15 +219,51 @@ class Service:
         Unidirectional; shared read-only by every session's stream.
     limits : Limits, optional
         The caps on sessions and steps; ``Limits()`` when omitted.
+    mode : {"pool", "streams", "noop"}
+        How sessions step (see the module docstring).
+    max_batch : int, optional
+        Pool mode: most sessions per batched step (default
+        ``min(max_sessions, 256)``).
+    max_delay : float
+        Pool mode: seconds the batcher waits for a batch to fill after the
+        oldest waiting request.
     """
 
-    def __init__(self, model, limits=None):
+    def __init__(self, model, limits=None, *, mode="pool", max_batch=None, max_delay=0.0005):
         if model.bidirectional:
             raise ValueError("a bidirectional model cannot stream; serve a unidirectional one")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model
         self.limits = limits or Limits()
+        self.mode = mode
         self.sessions = {}
         self.lock = threading.Lock()
+        self.batcher = None
+        if mode == "pool":
+            from numlstm.serve import Batcher
+
+            pool = numlstm.StreamPool(model, self.limits.max_sessions)
+            self.batcher = Batcher(pool, max_batch=max_batch or min(pool.capacity, 256),
+                                   max_delay=max_delay)
+
+    def close(self):
+        """Stop the batcher (pool mode), answering the steps already queued."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def _new_stream(self):
+        """What a new session steps: a pool slot, a stream of its own, or nothing."""
+        if self.mode == "pool":
+            try:
+                return _PoolSlot(self.batcher, self.batcher.pool.open())
+            except RuntimeError:  # slots of ended sessions whose last step is still running
+                raise BadRequest(HTTPStatus.TOO_MANY_REQUESTS,
+                                 f"at most {self.limits.max_sessions} sessions; retry "
+                                 "shortly") from None
+        if self.mode == "streams":
+            return self.model.stream(1)
+        return _NoopSlot(self.model)
 
     def _expired(self, session, now):
         # A session stepping right now is in use, however long it has run.
@@ -165,8 +274,9 @@ class Service:
         now = time.monotonic()
         with self.lock:
             old = [sid for sid, s in self.sessions.items() if self._expired(s, now)]
-            for sid in old:
-                del self.sessions[sid]
+            ended = [self.sessions.pop(sid) for sid in old]
+        for session in ended:
+            session.end()
         return len(old)
 
     def create(self, client=""):
@@ -183,18 +293,21 @@ class Service:
                                  f"at most {lim.max_sessions_per_client} sessions per client; "
                                  f"end one first (unused ones end after {lim.session_ttl:g} s)")
             sid = uuid.uuid4().hex
-            self.sessions[sid] = _Session(self.model, client)
+            self.sessions[sid] = _Session(self._new_stream(), client)
         return {"session": sid}
 
     def _get(self, sid):
         now = time.monotonic()
         with self.lock:
             session = self.sessions.get(sid)
-            if session is not None and self._expired(session, now):
+            expired = session is not None and self._expired(session, now)
+            if expired:
                 del self.sessions[sid]
-                session = None
-            if session is not None:
+            elif session is not None:
                 session.last_used = now  # so that a sweep cannot end it under this request
+        if expired:
+            session.end()
+            session = None
         if session is None:
             raise BadRequest(HTTPStatus.NOT_FOUND, f"no session {sid} (ended, or unused for "
                              f"over {self.limits.session_ttl:g} s)")
@@ -249,6 +362,8 @@ class Service:
         x = self._inputs(body)
         out = np.empty((len(x), self.model.output_size), dtype=self.model.dtype)
         with session.lock:
+            if session.ended:  # ended (deleted or expired) after _get found it
+                raise BadRequest(HTTPStatus.NOT_FOUND, f"no session {sid} (ended)")
             before = session.stream.state
             for t in range(len(x)):
                 out[t] = session.stream.step(x[t:t + 1])[0]
@@ -265,18 +380,22 @@ class Service:
     def reset(self, sid):
         session = self._get(sid)
         with session.lock:
+            if session.ended:
+                raise BadRequest(HTTPStatus.NOT_FOUND, f"no session {sid} (ended)")
             session.stream.reset()
         return {"session": sid}
 
     def delete(self, sid):
         with self.lock:
-            if self.sessions.pop(sid, None) is None:
-                raise BadRequest(HTTPStatus.NOT_FOUND, f"no session {sid}")
+            session = self.sessions.pop(sid, None)
+        if session is None:
+            raise BadRequest(HTTPStatus.NOT_FOUND, f"no session {sid}")
+        session.end()
 
     def health(self):
         with self.lock:
             n = len(self.sessions)
-        return {"status": "ok", "sessions": n, "model": repr(self.model)}
+        return {"status": "ok", "sessions": n, "mode": self.mode, "model": repr(self.model)}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -562,6 +681,10 @@ class Server(ThreadingHTTPServer):
         self.connections.remove(request)
         super().shutdown_request(request)
 
+    def server_close(self):
+        super().server_close()
+        self.service.close()
+
     def service_actions(self):
         """Between accepts (at least every poll interval, 0.5 s): close late
         connections, end unused sessions; at most four times a second."""
@@ -583,7 +706,8 @@ def descriptor_room():
     return max(1, soft - FD_RESERVE)
 
 
-def make_server(model, host="127.0.0.1", port=0, **limits):
+def make_server(model, host="127.0.0.1", port=0, *, mode="pool", max_batch=None,
+                max_delay=0.0005, **limits):
     """A ready server (port 0: any free port; see ``server_address``).
 
     Parameters
@@ -592,6 +716,9 @@ def make_server(model, host="127.0.0.1", port=0, **limits):
         The model to serve (unidirectional).
     host, port : str, int
         Where to listen.
+    mode, max_batch, max_delay
+        As ``Service``'s: ``"pool"`` (batched, default), ``"streams"`` (one
+        stream per session) or ``"noop"`` (no model).
     **limits
         Fields of ``Limits`` (``max_sessions=200``, ``request_timeout=2.0``,
         ...); the others keep their defaults. ``max_connections`` is lowered
@@ -604,9 +731,14 @@ def make_server(model, host="127.0.0.1", port=0, **limits):
         ``server.connections.limit`` the connection bound in force.
     """
     limits = Limits(**limits)
-    service = Service(model, limits)  # first: a bidirectional model fails before binding
+    # First: a bidirectional model fails before binding.
+    service = Service(model, limits, mode=mode, max_batch=max_batch, max_delay=max_delay)
     # Compile the kernels now, not on the first client's step.
     model.stream(1).step(np.zeros((1, model.input_size), model.dtype))
+    if mode == "pool":
+        warm = service._new_stream()
+        warm.step(np.zeros((1, model.input_size), model.dtype))
+        warm.close()
     room = descriptor_room()
     server = Server((host, port), Handler)
     server.limits = limits
@@ -639,12 +771,29 @@ def _positive(kind):
     return parse
 
 
+def _nonnegative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def main(argv=None):
     d = Limits()
     p = argparse.ArgumentParser(description="Serve a saved numlstm model over HTTP.")
     p.add_argument("model", help="a model file written by numlstm.save")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--mode", choices=MODES, default="pool",
+                   help="pool: sessions in one StreamPool, steps batched (default); streams: "
+                        "one Stream per session; noop: no model (the HTTP layer's limit)")
+    p.add_argument("--max-batch", type=_positive(int), default=None,
+                   help="pool mode: most sessions per step (default min(max-sessions, 256))")
+    p.add_argument("--max-delay", type=_nonnegative, default=0.0005,
+                   help="pool mode: seconds to wait for a batch to fill (default 0.0005)")
     p.add_argument("--max-sessions", type=_positive(int), default=d.max_sessions)
     p.add_argument("--max-sessions-per-client", type=_positive(int),
                    default=d.max_sessions_per_client, help="per IP address")
@@ -661,12 +810,13 @@ def main(argv=None):
     limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}
     try:
         model = numlstm.load(args.model)
-        server = make_server(model, args.host, args.port, **limits)
+        server = make_server(model, args.host, args.port, mode=args.mode,
+                             max_batch=args.max_batch, max_delay=args.max_delay, **limits)
     except (OSError, ValueError) as e:
         print(f"service: error: {e}", file=sys.stderr)
         return 1
     host, port = server.server_address[:2]
-    print(f"serving {model!r} on http://{host}:{port}", flush=True)
+    print(f"serving {model!r} ({args.mode} mode) on http://{host}:{port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -2,13 +2,19 @@
 its own session, stepping their own sequences; throughput, latency
 percentiles, errors, and a check that no session was lost or mixed up.
 
-    python examples/service_load.py [MODEL.npz] [--clients 32] [--steps 200]
+    python examples/service_load.py [MODEL.npz] [--clients 1 8 32 128] [--steps 200]
+                                    [--modes pool streams noop] [--hidden 64]
 
-``main`` starts the service on the saved model in a separate process
-(``examples/service.py MODEL --port 0``; without MODEL, a random two-layer
-model, I=8, H=64, is saved to a temporary folder first), runs the load,
-compares every client's outputs with the model streamed locally on that
-client's own sequence, sends a set of bad requests, and prints a table.
+``main`` starts the service on the saved model in a separate process per
+mode (``examples/service.py MODEL --port 0 --mode MODE``; without MODEL, a
+random two-layer model, I=8, H=``--hidden`` (64), is saved to a temporary
+folder first), runs the load for each number of clients, compares every
+client's outputs with the model streamed locally on that client's own
+sequence (not in ``noop`` mode, which runs no model), sends a set of bad
+requests to the first mode's server, and prints a table per mode and a
+comparison: ``pool`` (sessions in one StreamPool, steps batched) against
+``streams`` (one Stream per session) and ``noop`` (the same server without a
+model: the HTTP layer's own limit).
 ``run_load(port, clients, steps, ...)`` is the reusable part (the tests drive
 it against an in-process server).
 """
@@ -244,10 +250,12 @@ def _table(rows, header):
                      + [line.format(*map(str, r)) for r in rows])
 
 
-def _start_service(model_path):
-    """The service in a child process on a free port; (process, port)."""
+def _start_service(model_path, mode="pool"):
+    """The service in a child process on a free port; (process, port). Every
+    client comes from 127.0.0.1: the per-client session cap is lifted."""
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "service.py"), model_path,
-                             "--port", "0"], stdout=subprocess.PIPE, text=True)
+                             "--port", "0", "--mode", mode, "--max-sessions-per-client", "1000"],
+                            stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT"
     if "http://" not in line:
         proc.kill()
@@ -255,52 +263,81 @@ def _start_service(model_path):
     return proc, int(line.rsplit(":", 1)[1])
 
 
+MODES = ("pool", "streams", "noop")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Load-test examples/service.py on a saved model.")
     p.add_argument("model", nargs="?", help="a model file written by numlstm.save "
-                   "(default: a random LSTM(8, 64, num_layers=2))")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+                   "(default: a random LSTM(8, --hidden, num_layers=2))")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--steps", type=int, default=200, help="steps per client")
     p.add_argument("--steps-per-request", type=int, default=1)
     p.add_argument("--new-connection", action="store_true",
                    help="one connection per request instead of keep-alive")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="the service's modes to load, each in its own process (default: all)")
+    p.add_argument("--hidden", type=int, default=64, help="H of the default model")
     args = p.parse_args(argv)
 
     import numlstm
 
+    results, tables, probes = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if path is None:
             path = os.path.join(tmp, "model.npz")
-            numlstm.save(numlstm.LSTM(8, 64, num_layers=2, seed=0), path)
+            numlstm.save(numlstm.LSTM(8, args.hidden, num_layers=2, seed=0), path)
         model = numlstm.load(path)
-        proc, port = _start_service(path)
-        try:
-            rows, results = [], []
-            for clients in args.clients:
-                run_load(port, clients, 5, input_size=model.input_size, seed=1)  # warm up
-                r = run_load(port, clients, args.steps, input_size=model.input_size,
-                             steps_per_request=args.steps_per_request,
-                             keep_alive=not args.new_connection)
-                diff = check_outputs(model, r)
-                results.append(r)
-                rows.append((clients, r["requests"], len(r["errors"]),
-                             f"{r['throughput_rps']:.0f}", f"{r['steps_per_s']:.0f}",
-                             f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
-                             f"{r['p99_ms']:.2f}", f"{r['max_ms']:.1f}", f"{diff:.0e}"))
-            mode = "new connection per request" if args.new_connection else "keep-alive"
-            print(f"{model!r}; {args.steps} steps per client, {args.steps_per_request} per "
-                  f"request, {mode}")
-            print(_table(rows, ("clients", "requests", "errors", "req/s", "steps/s",
-                                "p50 ms", "p90 ms", "p99 ms", "max ms", "max |Δh|")))
-            probes = probe_bad_requests(port, model.input_size)
-            print()
-            print(_table([(label, status, (msg or "")[:60], problem or "ok")
-                          for label, status, msg, problem in probes],
-                         ("bad request", "status", "message", "verdict")))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+        for mode in args.modes:
+            proc, port = _start_service(path, mode)
+            try:
+                rows = []
+                for clients in args.clients:
+                    run_load(port, clients, 5, input_size=model.input_size, seed=1)  # warm up
+                    r = run_load(port, clients, args.steps, input_size=model.input_size,
+                                 steps_per_request=args.steps_per_request,
+                                 keep_alive=not args.new_connection)
+                    r["mode"] = mode
+                    diff = check_outputs(model, r) if mode != "noop" else None
+                    results.append(r)
+                    rows.append((clients, r["requests"], len(r["errors"]),
+                                 f"{r['throughput_rps']:.0f}", f"{r['steps_per_s']:.0f}",
+                                 f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                                 f"{r['p99_ms']:.2f}", f"{r['max_ms']:.1f}",
+                                 "-" if diff is None else f"{diff:.0e}"))
+                tables.append((mode, rows))
+                if not probes:
+                    probes = probe_bad_requests(port, model.input_size)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=10)
+    conn = "new connection per request" if args.new_connection else "keep-alive"
+    print(f"{model!r}; {args.steps} steps per client, {args.steps_per_request} per "
+          f"request, {conn}")
+    for mode, rows in tables:
+        print()
+        print(f"mode {mode}")
+        print(_table(rows, ("clients", "requests", "errors", "req/s", "steps/s",
+                            "p50 ms", "p90 ms", "p99 ms", "max ms", "max |Δh|")))
+    rps = {(r["mode"], r["clients"]): r["throughput_rps"] for r in results}
+    if len(args.modes) > 1:
+        print()
+        cols = [m for m in ("pool", "streams", "noop") if m in args.modes]
+        header = ("clients", *(f"{m} req/s" for m in cols))
+        extra = []
+        if "pool" in cols and "noop" in cols:
+            header += ("pool / noop",)
+            extra.append(lambda c: f"{rps['pool', c] / rps['noop', c]:.0%}")
+        if "pool" in cols and "streams" in cols:
+            header += ("pool / streams",)
+            extra.append(lambda c: f"{rps['pool', c] / rps['streams', c]:.2f}x")
+        print(_table([(c, *(f"{rps[m, c]:.0f}" for m in cols), *(f(c) for f in extra))
+                      for c in args.clients], header))
+    print()
+    print(_table([(label, status, (msg or "")[:60], problem or "ok")
+                  for label, status, msg, problem in probes],
+                 ("bad request", "status", "message", "verdict")))
     bad = [r for r in probes if r[3]]
     return {"load": results, "probes": probes, "ok": not bad and
             not any(r["errors"] for r in results)}

@@ -2,11 +2,19 @@
 
 In a service, each request thread has one session's next input. Stepping
 each on its own is a batch-1 call per request; a ``Batcher`` queues them and
-one worker thread steps whatever has arrived (up to ``max_batch`` sessions,
-waiting at most ``max_delay`` seconds after the oldest request) in one
-``StreamPool.step``, then hands every thread its own output through a
+one worker thread steps whatever has arrived (up to ``max_batch`` sessions)
+in one ``StreamPool.step``, then hands every thread its own output through a
 ``concurrent.futures.Future``. NVIDIA Triton's sequence batcher
 (``max_queue_delay``) is the model.
+
+How long the worker waits: clients of a service typically send their next
+step soon after receiving their last output, so the sessions of the last
+batch are the ones expected back. After the oldest queued request arrived,
+the worker waits until as many requests are queued as the last batch
+stepped (capped at ``max_batch``), or ``max_delay`` seconds have passed,
+whichever comes first. A lone client thus never waits for company, and
+many clients, woken one after the other by their results, are still
+gathered into one step.
 
 Guarantees:
 
@@ -48,8 +56,8 @@ class Batcher:
         Most sessions per step (at most ``pool.capacity``); default
         ``min(pool.capacity, 256)``.
     max_delay : float, optional
-        Seconds the worker waits, after the oldest queued request arrived,
-        for a batch to fill before stepping what it has (default 0.5 ms;
+        Most seconds the worker waits, after the oldest queued request
+        arrived, for as many requests as the last step had (default 0.5 ms;
         0 steps at once). A full batch never waits.
 
     Notes
@@ -86,6 +94,7 @@ class Batcher:
         self._closed = False
         self.batches = 0  # steps taken, and sessions stepped in them (for monitoring)
         self.stepped = 0
+        self._expect = 1  # requests to wait for: the last batch's size
         self._worker = threading.Thread(target=self._run, name="numlstm-batcher", daemon=True)
         self._worker.start()
 
@@ -129,8 +138,8 @@ class Batcher:
             if self._closed:
                 raise RuntimeError("the batcher is closed; make a new one to submit more")
             self._queue.append(_Request(int(sid), x, future, time.monotonic()))
-            # Wake the worker when it waits for a first request or for a full batch.
-            if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
+            # Wake the worker when it waits for a first request or for a batch.
+            if len(self._queue) == 1 or len(self._queue) >= self._expect:
                 self._cond.notify()
         return future
 
@@ -185,7 +194,7 @@ class Batcher:
             if not q:
                 return None
             deadline = q[0].arrived + self.max_delay
-            while len(q) < self.max_batch and not self._closed:
+            while len(q) < self._expect and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -204,6 +213,7 @@ class Batcher:
                     seen.add(r.sid)
                     batch.append(r)
             q.extendleft(reversed(skipped))
+            self._expect = max(1, min(len(batch), self.max_batch))
         return batch
 
     def _run(self):

@@ -78,61 +78,70 @@ def test_a_sessions_pipelined_requests_keep_their_order(model):
         np.testing.assert_allclose(outs[k], _alone(model, xs[k]), **CLOSE)
 
 
-class _FailingPool(StreamPool):
-    """A pool whose step fails when it names ``self.poison``."""
+class _GatedPool(StreamPool):
+    """A pool whose steps wait for ``gate`` (hold the worker inside a step
+    while requests queue up), log the ids of every call, and fail when they
+    name ``poison``."""
 
     poison = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.calls = []
+
     def step(self, sids, x):
+        self.entered.set()
+        self.gate.wait(10)
+        self.calls.append(sorted(int(s) for s in sids))
         if self.poison in sids:
             raise FloatingPointError(f"step with {self.poison} failed")
         return super().step(sids, x)
 
 
+def _hold(pool, batcher):
+    """Send a step of a fresh session and wait until the worker is inside it
+    (held at the gate); returns its future."""
+    held = batcher.submit(pool.open(), np.zeros(I))
+    assert pool.entered.wait(10)
+    return held
+
+
 def test_an_exception_reaches_exactly_the_futures_of_its_step(model):
-    pool = _FailingPool(model, 4)
-    a, b, c, d = (pool.open() for _ in range(4))
-    pool.poison = a
-    x = np.zeros(I)
-    # max_batch 2 and a long delay: the batches are exactly [a, b] then [c, d].
+    pool = _GatedPool(model, 5)
     with Batcher(pool, max_batch=2, max_delay=5.0) as batcher:
-        fa, fb = batcher.submit(a, x), batcher.submit(b, x)
-        fc, fd = batcher.submit(c, x), batcher.submit(d, x)
-        for f in (fa, fb):
+        held = _hold(pool, batcher)
+        a, b, c, d = (pool.open() for _ in range(4))
+        pool.poison = a
+        x = np.zeros(I)
+        futures = {sid: batcher.submit(sid, x) for sid in (a, b, c, d)}
+        pool.gate.set()  # queued meanwhile: the next steps are [a, b], then [c, d]
+        assert held.result(10).shape == (H,)
+        for sid in (a, b):
             with pytest.raises(FloatingPointError, match=f"step with {a} failed"):
-                f.result(10)
-        for f, sid in ((fc, c), (fd, d)):
-            np.testing.assert_array_equal(f.result(10), model.stream(1).step(x[None])[0])
-            assert pool.state(sid)[0].any()
-        assert not pool.state(a)[0].any() and not pool.state(b)[0].any()  # did not move
+                futures[sid].result(10)
+            assert not pool.state(sid)[0].any()  # did not move
+        for sid in (c, d):
+            np.testing.assert_array_equal(futures[sid].result(10),
+                                          model.stream(1).step(x[None])[0])
+        assert pool.calls[1:] == [sorted([a, b]), sorted([c, d])]
         pool.poison = None
         again = [batcher.submit(a, x), batcher.submit(b, x)]  # a full batch: no wait
         assert [f.result(10).shape for f in again] == [(H,), (H,)]  # the worker lives on
 
 
 def test_a_session_closed_before_its_step_fails_alone(model):
-    pool = StreamPool(model, 3)
-    a, b = pool.open(), pool.open()
+    pool = _GatedPool(model, 3)
     with Batcher(pool, max_batch=2, max_delay=5.0) as batcher:
+        _hold(pool, batcher)
+        a, b = pool.open(), pool.open()
         fa = batcher.submit(a, np.zeros(I))
         pool.close(a)
         fb = batcher.submit(b, np.zeros(I))
+        pool.gate.set()
         with pytest.raises(KeyError, match=f"sid {a} was closed before its step"):
             fa.result(10)
         assert fb.result(10).shape == (H,)
-
-
-class _GatedPool(StreamPool):
-    """A pool whose steps wait for ``gate``: holds the worker in a step."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gate, self.entered = threading.Event(), threading.Event()
-
-    def step(self, sids, x):
-        self.entered.set()
-        self.gate.wait(10)
-        return super().step(sids, x)
 
 
 def test_close_drains_by_default_and_cancels_when_asked(model):
