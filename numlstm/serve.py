@@ -116,7 +116,8 @@ class Batcher:
         Returns
         -------
         concurrent.futures.Future
-            Resolves to the session's output h_t, a new array (O,); or to
+            Resolves to the session's output h_t (O,) (a row of an array
+            made for its step, not the pool's buffer); or to
             the exception its step raised (KeyError when the session was
             closed before its step).
 
@@ -128,9 +129,12 @@ class Batcher:
             ``sid`` not an open session; ``x_t`` not a float array of I values.
         """
         I = self._input_size
-        if isinstance(x_t, np.ndarray) and x_t.shape == (1, I):
-            x_t = x_t[0]
-        x = np.array(W.check_float_array(x_t, "x_t", (I,), self._dtype))  # a copy of our own
+        if x_t.__class__ is np.ndarray and x_t.dtype is self._dtype and x_t.shape == (I,):
+            x = x_t.copy()  # the common case, quickly; a copy of our own
+        else:
+            if isinstance(x_t, np.ndarray) and x_t.shape == (1, I):
+                x_t = x_t[0]
+            x = np.array(W.check_float_array(x_t, "x_t", (I,), self._dtype))
         if not self.pool.is_open(sid):
             raise KeyError(f"sid {sid!r} is not an open session of the pool")
         future = Future()
@@ -230,10 +234,11 @@ class Batcher:
 
     def _step(self, batch):
         live = []
+        is_open = self.pool._live  # (capacity,) uint8; the pool checks again in its step
         for r in batch:
             if not r.future.set_running_or_notify_cancel():
                 continue  # cancelled while queued
-            if not self.pool.is_open(r.sid):
+            if not is_open[r.sid]:
                 r.future.set_exception(KeyError(f"sid {r.sid} was closed before its step"))
                 continue
             self._sids[len(live)] = r.sid
@@ -243,8 +248,10 @@ class Batcher:
         if n == 0:
             return
         try:
-            out = self.pool.step(self._sids[:n], self._x[:n])
-            results = [out[k].copy() for k in range(n)]  # the view is the pool's buffer
+            # One copy of the pool's buffer (which the next step overwrites) per
+            # step; each caller gets its row of it.
+            out = self.pool.step(self._sids[:n], self._x[:n]).copy()
+            results = list(out)
         except BaseException as e:  # noqa: BLE001 - routed to exactly this step's callers
             for r in live:
                 r.future.set_exception(e)
