@@ -180,19 +180,19 @@ def _one_line(e, limit=600):
 
 def _info(args):
     import numlstm
-    from numlstm import weights as W
+    from numlstm import weights
 
     model = numlstm.load(args.model)
     print(repr(model))
     sparsity = model.sparsity()
     print(f"\n{'weight':<24}{'shape':>12}  {'storage':<26}{'sparsity':>9}{'bytes':>12}")
-    for name, w in model._weights().items():
+    for name, w in model.weights().items():
         shape = "x".join(str(n) for n in w.shape)
-        print(f"{name:<24}{shape:>12}  {W.describe(w):<26}{sparsity[name]:>9.1%}"
+        print(f"{name:<24}{shape:>12}  {weights.describe(w):<26}{sparsity[name]:>9.1%}"
               f"{w.nbytes:>12,}")
     print(f"{'all weights and biases':<64}{model.weight_bytes():>12,}")
     print(f"overall sparsity {sparsity['overall']:.1%}\n")
-    trainable = all(w.trainable for w in model._weights().values())
+    trainable = all(w.trainable for w in model.weights().values())
     training = args.training and trainable
     if args.training and not trainable:
         print("(quantized weights are for inference only: reporting inference)")

@@ -35,7 +35,7 @@ import zlib
 import numpy as np
 from numpy.lib import format as npy
 
-from numlstm import weights as W
+from numlstm import weights
 from numlstm.lstm import LSTM
 
 FORMAT = "numlstm"
@@ -90,8 +90,7 @@ def save(model, path):
         raise TypeError(f"model must be a numlstm.LSTM, got {type(model).__name__}")
     path = os.fspath(path)
     target = _destination(path)
-    if model._device is not None:  # a model on the GPU: save its current values
-        model._device.pull()
+    model.engine.pull()  # a model on the GPU: save its current values
     arrays, params = {}, {}
     for name, p in model._params.items():
         if not name.startswith("weight"):
@@ -476,7 +475,7 @@ def _plan(header, src):
         _expect(spec.get("shape") == list(shape),
                 f"{where}: shape must be {list(shape)}, got {spec.get('shape')!r}")
         R, C = shape
-        value_types = (model.dtype.name,) + (W.QUANTIZED_TYPES if fmt == "csr" else ())
+        value_types = (model.dtype.name,) + (weights.QUANTIZED_TYPES if fmt == "csr" else ())
         values = _declared(spec.get("values"), value_types, where)
         members[f"{name}.values"] = (values, R * C)  # nnz <= R * C
         if fmt == "dense":
@@ -546,7 +545,7 @@ def _weight(arrays, name, spec, shape, dtype, where):
     if fmt == "dense":
         _expect(values.shape == shape, f"{where}: values must have shape {shape}, got "
                                        f"{values.shape}")
-        return W.Dense(values)
+        return weights.Dense(values)
     indices = _array(arrays, f"{name}.indices", spec["indices"], where)
     indptr = _array(arrays, f"{name}.indptr", spec["indptr"], where)
     if fmt == "bsr":
@@ -556,7 +555,7 @@ def _weight(arrays, name, spec, shape, dtype, where):
         _expect(br >= 1 and bc >= 1 and R % br == 0 and C % bc == 0,
                 f"{where}: block {(br, bc)} does not divide shape {shape}")
         _check_pattern(indices, indptr, values.shape[0], R // br, C // bc, where)
-        return W.BSR(values, indices, indptr, shape)
+        return weights.BSR(values, indices, indptr, shape)
     _expect(values.ndim == 1, f"{where}: CSR values must be 1-D, got shape {values.shape}")
     _check_pattern(indices, indptr, values.shape[0], R, C, where)
     scales = None
@@ -564,7 +563,7 @@ def _weight(arrays, name, spec, shape, dtype, where):
         scales = _finite(_array(arrays, f"{name}.scales", spec["scales"], where), where)
         _expect(scales.shape == (R,), f"{where}: scales must have shape ({R},), got "
                                       f"{scales.shape}")
-    return W.CSR(values, indices, indptr, shape, dtype=dtype, scales=scales)
+    return weights.CSR(values, indices, indptr, shape, dtype=dtype, scales=scales)
 
 
 def _check_pattern(indices, indptr, nnz, rows, cols, where):

@@ -9,9 +9,10 @@ pruning functions' storage and ``numlstm.fit`` treat them alike.
 
 import numpy as np
 
-from numlstm import weights as W
-from numlstm.kernels import cpu as K
-from numlstm.lstm import _check_int, _matmul_batch, _sddmm_acc
+from numlstm import weights
+from numlstm.checks import check_int
+from numlstm.kernels import cpu as cpu_kernels
+from numlstm.ops import matmul_batch, sddmm_acc
 
 
 class _Module:
@@ -19,14 +20,15 @@ class _Module:
 
     def _install(self, params):
         self._params = params
-        self._grads = {n: (p.new_grad() if isinstance(p, W._Weight) else np.zeros_like(p))
+        self._grads = {n: (p.new_grad() if isinstance(p, weights._Weight) else np.zeros_like(p))
                        for n, p in params.items()}
         self._saved = None
         self.version = getattr(self, "version", 0) + 1
 
     def parameters(self):
         """Live arrays: dense weights, sparse ``.data``, biases; update in place."""
-        return {n: (p.values if isinstance(p, W._Weight) else p) for n, p in self._params.items()}
+        return {n: (p.values if isinstance(p, weights._Weight) else p)
+                for n, p in self._params.items()}
 
     def grad_arrays(self):
         """Live gradient arrays, shaped like ``parameters()``'s values."""
@@ -37,11 +39,11 @@ class _Module:
             g.fill(0)
 
     def state_dict(self):
-        return {n: (p.public() if isinstance(p, W._Weight) else p.copy())
+        return {n: (p.public() if isinstance(p, weights._Weight) else p.copy())
                 for n, p in self._params.items()}
 
     def _weights(self):
-        return {n: p for n, p in self._params.items() if isinstance(p, W._Weight)}
+        return {n: p for n, p in self._params.items() if isinstance(p, weights._Weight)}
 
     def _saved_input(self):
         if self._saved is None:
@@ -63,8 +65,8 @@ class Linear(_Module):
     """
 
     def __init__(self, in_features, out_features, *, bias=True, dtype=np.float32, seed=None):
-        self.in_features = _check_int(in_features, "in_features", 1)
-        self.out_features = _check_int(out_features, "out_features", 1)
+        self.in_features = check_int(in_features, "in_features", 1)
+        self.out_features = check_int(out_features, "out_features", 1)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
@@ -83,10 +85,10 @@ class Linear(_Module):
         expected = {"weight", "bias"} if self.bias else {"weight"}
         if set(state) != expected:
             raise KeyError(f"state keys must be {sorted(expected)}, got {sorted(state)}")
-        params = {"weight": W.from_value(state["weight"], "weight",
+        params = {"weight": weights.from_value(state["weight"], "weight",
                                          (self.out_features, self.in_features), self.dtype)}
         if self.bias:
-            b = W.check_float_array(state["bias"], "bias", (self.out_features,), self.dtype)
+            b = weights.check_float_array(state["bias"], "bias", (self.out_features,), self.dtype)
             if not np.all(np.isfinite(b)):
                 raise ValueError("bias must be finite, got NaN or inf values")
             params["bias"] = b.copy()
@@ -101,7 +103,7 @@ class Linear(_Module):
             raise ValueError(f"x must have shape (..., {self.in_features}), got {arr.shape}")
         x2 = np.ascontiguousarray(arr.reshape(-1, self.in_features), dtype=self.dtype)
         y = np.empty((x2.shape[0], self.out_features), self.dtype)
-        _matmul_batch(y, x2, self._params["weight"])
+        matmul_batch(y, x2, self._params["weight"])
         if self.bias:
             y += self._params["bias"]
         self._saved = (x2, arr.shape) if training else None
@@ -112,19 +114,19 @@ class Linear(_Module):
     def backward(self, dy):
         """Add dW, db into the gradients; return dx shaped like the forward's x."""
         x2, shape = self._saved_input()
-        dy2 = W.check_float_array(dy, "dy", shape[:-1] + (self.out_features,), self.dtype) \
+        dy2 = weights.check_float_array(dy, "dy", shape[:-1] + (self.out_features,), self.dtype) \
             .reshape(-1, self.out_features)
         w = self._params["weight"]
         if self.bias:
             self._grads["bias"] += dy2.sum(axis=0)
         if w.format == "dense":
-            K.dense_grad_acc(self._grads["weight"], np.empty_like(self._grads["weight"]),
+            cpu_kernels.dense_grad_acc(self._grads["weight"], np.empty_like(self._grads["weight"]),
                              np.ascontiguousarray(dy2), x2)
         else:
-            _sddmm_acc(self._grads["weight"], np.ascontiguousarray(dy2.T),
+            sddmm_acc(self._grads["weight"], np.ascontiguousarray(dy2.T),
                        np.ascontiguousarray(x2.T), w)
         dx = np.empty_like(x2)
-        _matmul_batch(dx, dy2, w, transposed=True)
+        matmul_batch(dx, dy2, w, transposed=True)
         return dx.reshape(shape)
 
 
@@ -138,8 +140,8 @@ class Embedding(_Module):
     """
 
     def __init__(self, num_embeddings, embedding_dim, *, dtype=np.float32, seed=None):
-        self.num_embeddings = _check_int(num_embeddings, "num_embeddings", 1)
-        self.embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)
+        self.num_embeddings = check_int(num_embeddings, "num_embeddings", 1)
+        self.embedding_dim = check_int(embedding_dim, "embedding_dim", 1)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
@@ -150,7 +152,7 @@ class Embedding(_Module):
     def load_state_dict(self, state):
         if not isinstance(state, dict) or set(state) != {"weight"}:
             raise KeyError(f"state must be a dict with the key 'weight', got {state!r:.60}")
-        w = W.check_float_array(state["weight"], "weight",
+        w = weights.check_float_array(state["weight"], "weight",
                                 (self.num_embeddings, self.embedding_dim), self.dtype)
         if not np.all(np.isfinite(w)):
             raise ValueError("weight must be finite, got NaN or inf values")
@@ -173,7 +175,7 @@ class Embedding(_Module):
     def backward(self, dy):
         """Add dy into the looked-up rows (repeated indices add up); returns None."""
         idx = self._saved_input()
-        dy = W.check_float_array(dy, "dy", idx.shape + (self.embedding_dim,), self.dtype)
+        dy = weights.check_float_array(dy, "dy", idx.shape + (self.embedding_dim,), self.dtype)
         np.add.at(self._grads["weight"], idx.reshape(-1), dy.reshape(-1, self.embedding_dim))
         self.touched_rows = np.union1d(self.touched_rows, idx.reshape(-1))
 

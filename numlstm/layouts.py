@@ -59,8 +59,6 @@ def build(weight, forced=None):
     CPU; ``dense`` a float value kind unless ``config.DENSE_FOR_QUANTIZED``)
     falls back to "auto".
     """
-    from numlstm.weights import Dense
-
     kind = forced or config.STEP_LAYOUT
     if kind not in KINDS + ("auto",):
         raise ValueError(f"the step layout (NUMLSTM_STEP_LAYOUT / config.STEP_LAYOUT) must "
@@ -75,7 +73,7 @@ def build(weight, forced=None):
             weight.data, weight.indices, weight.indptr, weight.shape, weight.scales,
             sigma=sigma)
     if not quantized or config.DENSE_FOR_QUANTIZED:
-        candidates["dense"] = lambda: Dense(weight.public().toarray())
+        candidates["dense"] = weight.dense_copy  # weights.Dense (no import back: no cycle)
     if kind in candidates:
         return candidates[kind]()
     # The SELL kinds are built to be measured; a dense copy is priced from its

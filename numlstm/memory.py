@@ -34,7 +34,8 @@ import tracemalloc
 
 import numpy as np
 
-from numlstm.lstm import LSTM, _check_int
+from numlstm.checks import check_int
+from numlstm.lstm import LSTM
 
 OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2, "adamw": 2}
 
@@ -155,19 +156,23 @@ def memory_report(model, seq_len, batch_size, training=False, checkpoint=None,
     """
     if not isinstance(model, LSTM):
         raise TypeError(f"model must be a numlstm.LSTM, got {type(model).__name__}")
-    T = _check_int(seq_len, "seq_len", 1)
-    B = _check_int(batch_size, "batch_size", 1)
+    T = check_int(seq_len, "seq_len", 1)
+    B = check_int(batch_size, "batch_size", 1)
     for flag, name in ((training, "training"), (measure, "measure")):
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     training = bool(training)
-    plan = model._memory_plan(T, B, training=training, checkpoint=checkpoint)
+    if measure and model.device != "cpu":
+        raise ValueError(f"measure=True measures host memory (tracemalloc and numba's CPU "
+                         f"runtime), but the model is on {model.device!r}: predict only, or "
+                         "measure a copy on the CPU")
+    plan = model.memory_plan(T, B, training=training, checkpoint=checkpoint)
 
     rows = dict.fromkeys(ROWS, 0)
-    for w in model._weights().values():
+    for w in model.weights().values():
         for part, nbytes in w.nbytes_parts().items():
             rows[f"weight {part}"] += nbytes
-    rows["biases"] = sum(p.nbytes for name, p in model._params.items()
+    rows["biases"] = sum(p.nbytes for name, p in model.host_params.params.items()
                          if name.startswith("bias"))
     grad_bytes = sum(g.nbytes for g in model.grad_arrays().values())
     rows["gradients"] = grad_bytes if training else 0
@@ -205,12 +210,8 @@ def _measure(model, T, B, training, checkpoint):
         _restore(model, saved, rng_state)
     held = 0
     if training:  # transposed patterns built by an earlier backward stay with the weights
-        held = sum(sum(a.nbytes for a in w._transposed)
-                   for w in model._weights().values()
-                   if getattr(w, "_transposed", None) is not None)
-    model._tape = None
-    model._train_ws.release()
-    model._infer_ws.release()
+        held = sum(w.transposed_built() for w in model.weights().values())
+    model.release_workspaces()
     gc.collect()
     _nrt_python.memsys_enable_stats()
     nrt_before = rtsys.get_allocation_stats()

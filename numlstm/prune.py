@@ -23,7 +23,7 @@ parallel kernel hands to each thread equally long.
 
 import numpy as np
 
-from numlstm import weights as W
+from numlstm import weights as weights_mod
 from numlstm.lstm import LSTM
 
 SCOPES = ("per_matrix", "global", "per_row")
@@ -268,7 +268,7 @@ class _Grid:
 
     def __init__(self, weight):
         if not weight.trainable:
-            raise TypeError(f"cannot prune a quantized weight ({W.describe(weight)}); "
+            raise TypeError(f"cannot prune a quantized weight ({weights_mod.describe(weight)}); "
                             "prune before quantizing")
         R, C = weight.shape
         self.values = weight.to_array()  # (R, K)
@@ -296,7 +296,7 @@ def _grids(model, kinds):
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"weights must be a non-empty subset of {KINDS}, got {kinds!r}")
-    return {name: _Grid(w) for name, w in model._weights().items()
+    return {name: _Grid(w) for name, w in model.weights().items()
             if name.split("_")[1] in kinds}
 
 
@@ -325,7 +325,7 @@ def _to_csr(grid, keep, dtype):
     R = grid.values.shape[0]
     indptr = np.zeros(R + 1, np.int32)
     np.cumsum(np.bincount(rows, minlength=R), out=indptr[1:])
-    weight = W.CSR(np.ascontiguousarray(grid.values[rows, cols], dtype=dtype),
+    weight = weights_mod.CSR(np.ascontiguousarray(grid.values[rows, cols], dtype=dtype),
                    cols.astype(np.int32), indptr, grid.values.shape)
     return weight, grid.position[rows, cols]
 
@@ -338,8 +338,8 @@ def _to_bsr(grid, keep, block, dtype):
         return a.reshape(R // br, br, C // bc, bc).transpose(0, 2, 1, 3)[rb, cb]
     indptr = np.zeros(R // br + 1, np.int32)
     np.cumsum(np.bincount(rb, minlength=R // br), out=indptr[1:])
-    weight = W.BSR(np.ascontiguousarray(cut(grid.values), dtype=dtype), cb.astype(np.int32),
-                   indptr, (R, C))
+    weight = weights_mod.BSR(np.ascontiguousarray(cut(grid.values), dtype=dtype),
+                             cb.astype(np.int32), indptr, (R, C))
     return weight, np.ascontiguousarray(cut(grid.position))
 
 

@@ -20,7 +20,7 @@ for inference: ``forward(..., training=True)`` raises a TypeError.
 
 import numpy as np
 
-from numlstm import weights as W
+from numlstm import weights as weights_mod
 from numlstm.lstm import LSTM
 
 VALUE_TYPES = (None, "float16", "int8")
@@ -56,7 +56,7 @@ def quantize(model, values="int8", indices="auto", *, skip_dense=False):
         raise ValueError(f"indices must be one of {INDEX_TYPES}, got {indices!r}")
     if not isinstance(model, LSTM):
         raise TypeError(f"model must be a numlstm.LSTM, got {type(model).__name__}")
-    weights = model._weights()
+    weights = model.weights()
     other = [name for name, w in weights.items() if w.format != "csr"]
     if other and not skip_dense:
         raise ValueError(f"quantize works on CSR weights; {', '.join(other)} "
@@ -71,7 +71,7 @@ def quantize(model, values="int8", indices="auto", *, skip_dense=False):
 
 
 def quantize_weight(weight, values, indices="auto", name="weight"):
-    """A new ``weights.CSR`` with the requested value and index storage.
+    """A new ``weights_mod.CSR`` with the requested value and index storage.
 
     ``weight`` may itself be quantized: values are requantized from its
     dequantized form. Raises ValueError naming ``name`` if ``indices="uint16"``
@@ -112,4 +112,4 @@ def quantize_weight(weight, values, indices="auto", name="weight"):
             .astype(np.int8)
     else:
         data = np.array(data, dtype=weight.dtype)
-    return W.CSR(data, index, indptr, weight.shape, dtype=weight.dtype, scales=scales)
+    return weights_mod.CSR(data, index, indptr, weight.shape, dtype=weight.dtype, scales=scales)

@@ -1,28 +1,17 @@
 """O(1)-memory, step-by-step inference: what a service runs per request.
 
 A ``Stream`` owns the state (h, c) of every layer for a fixed batch and the
-few buffers one step needs, all carved from one workspace block when it is
-made. ``step`` then makes one compiled call for all layers (the arguments
-bound once in a ``numlstm.kernels.plan.StepPlan``) and allocates nothing.
+few buffers one step needs, all carved from one workspace block of the
+model's backend when it is made. ``step`` then makes one call for all layers
+and allocates nothing: on the CPU one compiled call with the arguments bound
+once in a ``numlstm.kernels.plan.StepPlan`` (docs/design.md, One call per
+stream step); on the GPU one ``lstm_step`` launch per layer.
 """
 
 import numpy as np
 
-from numlstm import weights as W
-from numlstm.kernels.plan import compiled_step, make_plan
-from numlstm.workspace import Workspace
-
-
-def _check_stream_args(model, batch_size):
-    """The batch size a stream of ``model`` gets, as an int; ValueError for a
-    bidirectional model or a batch size that is not a positive int."""
-    if model.bidirectional:
-        raise ValueError("a bidirectional model cannot stream: its reverse direction "
-                         "needs the whole sequence; use forward() instead")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return int(batch_size)
+from numlstm import checks
+from numlstm.weights import check_float_array
 
 
 class Stream:
@@ -30,33 +19,28 @@ class Stream:
 
     Made by ``LSTM.stream(batch_size=1, state=None)``. The stream reads the
     model's live weights: in-place updates are seen at the next step, and a
-    ``load_state_dict`` on the model rebinds the stream at its next step.
+    ``load_state_dict`` on the model rebinds the stream at its next step. A
+    stream lives where the model was when it was made (its buffers are
+    there): after ``model.to(...)`` it refuses to step; make a new one.
 
     Parameters
     ----------
     model : numlstm.LSTM
-        A unidirectional model.
+        A unidirectional model, on the CPU or (``to("cuda")``) the GPU.
     batch_size : int
         B, sequences advanced together.
     state : tuple (h (L, B, O), c (L, B, H)), optional
-        Initial state; zeros when omitted.
+        Initial state (host arrays, or device arrays on the GPU); zeros when
+        omitted.
     """
-
-    def __new__(cls, model=None, *args, **kwargs):
-        # A model on the GPU (model.to("cuda")) streams there: numlstm.device.DeviceStream.
-        if cls is Stream and getattr(model, "_device", None) is not None:
-            from numlstm.device import DeviceStream
-
-            cls = DeviceStream
-        return super().__new__(cls)
-
-    _workspace_type = Workspace  # DeviceStream's buffers live on the GPU
 
     def __init__(self, model, batch_size=1, state=None):
         self.model = model
-        self.batch_size = B = _check_stream_args(model, batch_size)
+        self.batch_size = B = checks.check_stream_args(model, batch_size)
         L, H, O, P = model.num_layers, model.hidden_size, model.output_size, model.proj_size
-        self._ws = self._workspace_type(model.dtype)
+        self._be = be = model.engine.be
+        self._host = not be.STAGED  # host arrays: the step's fast path below
+        self._ws = be.Workspace(model.dtype)
         v = self._ws.carve([("h", (L, B, O)),  # state h_t of every layer
                             ("c", (L, B, H)),  # state c_t of every layer
                             ("gates", (3, B, 4 * H)),  # activations | recurrent | new c
@@ -70,45 +54,62 @@ class Stream:
         self._bind()
         self.reset(state)
 
+    def _layer_args(self, x):
+        """Every layer's ``lstm_step`` arguments, layer 0 reading ``x``."""
+        m, B = self.model, self.batch_size
+        params = m.kernel_params()
+        layers = []
+        for l in range(m.num_layers):
+            x_l = x if l == 0 else self._h_layers[l - 1]
+            layers.append((self._h_layers[l], self._c_layers[l], self._gates, self._r, x_l)
+                          + params.step_args("ih", l, 0, B) + params.biases(l, 0)
+                          + params.recurrent_args(l, 0, B))
+        return layers
+
     def _bind(self):
         """Bind every layer's kernel arguments (arrays, not copies) once.
 
         Layer 0 reads the stream's input buffer, layer l > 0 the state h of
-        layer l - 1, which that layer has just updated. The tuples go into one
-        ``StepPlan`` (``numlstm.kernels.plan``), so that a step is one call of
-        the compiled step that unboxes no array: no NRT allocation, and no
-        dispatcher typing the argument each step.
-        Sparse weights bind their per-step execution layout (batch below
-        ``config.STEP_MAX_B``; see ``numlstm.layouts``).
+        layer l - 1, which that layer has just updated. The backend's
+        ``step_plan`` makes the call: on the CPU the tuples go into one
+        ``StepPlan``, so that a step is one call of the compiled step that
+        unboxes no array (no NRT allocation, and no dispatcher typing the
+        argument each step). Sparse weights bind their per-step execution
+        layout (batch below ``config.STEP_MAX_B``; see ``numlstm.layouts``).
         """
-        m, B = self.model, self.batch_size
-        layers = []
-        for l in range(m.num_layers):
-            x = self._x if l == 0 else self._h_layers[l - 1]
-            layers.append((self._h_layers[l], self._c_layers[l], self._gates, self._r, x)
-                          + m._step_args("ih", l, 0, B) + m._biases(l, 0)
-                          + m._recurrent_args(l, 0, B))
-        plan = make_plan(tuple(layers))
-        self._run = compiled_step(plan)
-        self._plan = plan
+        m = self.model
+        if m.engine.be is not self._be:
+            where = {"cpu": "the CPU", "cuda": "the GPU"}
+            raise RuntimeError(f"this stream was made on {where[self._be.NAME]}, but the model "
+                               f"has been moved to {where[m.engine.be.NAME]}: make a new stream "
+                               "with model.stream()")
+        self._run, self._plan = self._be.step_plan(self._layer_args(self._x))
         self._version = m.version
 
     def reset(self, state=None):
         """Set the state to ``state`` (h (L, B, O), c (L, B, H)), or to zeros."""
+        be = self._be
         if state is None:
-            self._h.fill(0)
-            self._c.fill(0)
+            be.fill(self._h, 0)
+            be.fill(self._c, 0)
             return
-        h0, c0 = self.model._check_state(state, self.batch_size, False)
-        self._h[...] = h0
-        self._c[...] = c0
+        h0, c0 = be.read_state(self.model, state, self.batch_size, False, self._h, self._c,
+                               "state")
+        if h0 is not self._h:
+            be.copy(self._h, h0)
+            be.copy(self._c, c0)
 
     @property
     def state(self):
-        """Copies of the current state: h (L, B, O), c (L, B, H)."""
-        return self._h.copy(), self._c.copy()
+        """Copies of the current state: h (L, B, O), c (L, B, H) (on the device
+        for a device stream)."""
+        be = self._be
+        h, c = be.empty(self._h.shape, self._h.dtype), be.empty(self._c.shape, self._c.dtype)
+        be.copy(h, self._h)
+        be.copy(c, self._c)
+        return h, c
 
-    def step(self, x_t):
+    def step(self, x_t, *, to_host=False):
         """Advance every layer by one step.
 
         Parameters
@@ -116,6 +117,10 @@ class Stream:
         x_t : array (B, I)
             Copied into the stream's input buffer: an array of the model's
             dtype costs no allocation; another float precision is converted.
+            On the device, a device array of the model's dtype is read where
+            it is.
+        to_host : bool
+            Device streams: return a NumPy copy. Ignored on the CPU.
 
         Returns
         -------
@@ -126,18 +131,33 @@ class Stream:
         m = self.model
         if self._version != m.version:
             self._bind()
-        if m._layouts_stale:
-            m.refresh_layouts()
-        x = self._x
-        # The common case in ~0.3 us (dtype objects of one type are one object;
-        # a dtype that is equal but not identical takes the checked path).
-        # Slice assignment copies 3x faster than np.copyto for a row this small.
-        if x_t.__class__ is np.ndarray and x_t.dtype is x.dtype and x_t.shape == x.shape:
-            x[...] = x_t
+        if self._host:
+            if m.layouts_stale:
+                m.refresh_layouts()
+            x = self._x
+            # The common case in ~0.3 us (dtype objects of one type are one
+            # object; a dtype that is equal but not identical takes the
+            # checked path). Slice assignment copies 3x faster than np.copyto
+            # for a row this small.
+            if x_t.__class__ is np.ndarray and x_t.dtype is x.dtype and x_t.shape == x.shape:
+                x[...] = x_t
+            else:
+                x[...] = check_float_array(x_t, "x_t", x.shape, x.dtype)
+            self._run(self._plan)
+            return self._h_layers[-1]
+        return self._device_step(x_t, to_host)
+
+    def _device_step(self, x_t, to_host):
+        """``step`` for a stream whose buffers are on the device."""
+        be, x, plan = self._be, self._x, self._plan
+        if checks.is_device_array(x_t):  # read where it is: layer 0's x for this step
+            a = be.check_device(be.as_device(x_t), "x_t", x.shape, x.dtype)
+            plan = (plan[0][:4] + (a,) + plan[0][5:],) + plan[1:]
         else:
-            x[...] = W.check_float_array(x_t, "x_t", x.shape, x.dtype)
-        self._run(self._plan)
-        return self._h_layers[-1]
+            be.upload(x, check_float_array(x_t, "x_t", tuple(x.shape), x.dtype))
+        self._run(plan)
+        out = self._h_layers[-1]
+        return be.to_host(out)[0] if to_host else out
 
     def __reduce__(self):
         """Copy and pickle by rebuilding: a stream's buffers are views into one
@@ -147,10 +167,7 @@ class Stream:
         batch size and current state: ``copy.copy`` shares the model,
         ``copy.deepcopy`` and pickle carry a copy of it (a device model comes
         back on the CPU, as a pickled model does)."""
-        h, c = self.state
-        if not isinstance(h, np.ndarray):  # a DeviceStream's state: to the host
-            h, c = h.copy_to_host(), c.copy_to_host()
-        return _rebuild_stream, (self.model, self.batch_size, (h, c))
+        return _rebuild_stream, (self.model, self.batch_size, self._be.to_host(*self.state))
 
 
 def _rebuild_stream(model, batch_size, state):

@@ -16,7 +16,9 @@ from numbers import Real
 
 import numpy as np
 
-from numlstm.lstm import LSTM, _check_int
+from numlstm import checks
+from numlstm.checks import check_int
+from numlstm.lstm import LSTM
 
 
 def truncated_bptt(model, x, loss_grad, update, *, chunk, state=None, lengths=None,
@@ -83,12 +85,12 @@ def truncated_bptt(model, x, loss_grad, update, *, chunk, state=None, lengths=No
                            (update, "update", "(model) -> None")):
         if not callable(fn):
             raise TypeError(f"{name} must be a callable {form}, got {type(fn).__name__}")
-    chunk = _check_int(chunk, "chunk", 1)
+    chunk = check_int(chunk, "chunk", 1)
     series = np.asarray(x)  # a view of an ndarray (memmap included), never a copy of one
-    xt, unbatched = model._check_x(series)  # validates; xt is a time-major view
+    xt, unbatched = checks.check_x(model, series)  # validates; xt is a time-major view
     T, B = xt.shape[0], xt.shape[1]
-    lengths = None if lengths is None else model._check_lengths(lengths, T, B, unbatched)
-    state = model._check_state(state, B, unbatched)  # (D*L, B, O), (D*L, B, H)
+    lengths = None if lengths is None else checks.check_lengths(lengths, T, B, unbatched)
+    state = checks.check_state(model, state, B, unbatched)  # (D*L, B, O), (D*L, B, H)
     kwargs = _forward_kwargs(model, checkpoint=checkpoint, memory_budget=memory_budget)
 
     axis = 1 if model.batch_first and not unbatched else 0  # the time axis of x

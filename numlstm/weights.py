@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from numlstm import layouts
-from numlstm.kernels import cpu as K
+from numlstm.kernels import cpu as cpu_kernels
 
 _NO_INDEX = np.zeros(0, dtype=np.int32)  # the unused index slots of a dense weight
 _STEP_LOCK = threading.Lock()  # held while a CSR weight builds its execution layout
@@ -56,6 +56,25 @@ class _Weight:
 
     def new_grad(self):
         return np.zeros_like(self.values)
+
+    def transposed_nbytes(self):
+        """Bytes of the W^T pattern (values, indices, indptr, perm) that a sparse
+        weight builds for backward, built or not; 0 for dense."""
+        if self.format == "dense":
+            return 0
+        built = getattr(self, "_transposed", None)
+        if built is not None:
+            return sum(a.nbytes for a in built)
+        C = self.shape[1]
+        if self.format == "bsr":
+            blocks, bc = self.data.shape[0], self.blocksize[1]
+            return self.data.nbytes + blocks * (4 + 8) + (C // bc + 1) * 4
+        return self.nnz * (self.dtype.itemsize + 4 + 8) + (C + 1) * 4
+
+    def transposed_built(self):
+        """Bytes of the W^T pattern built so far (0 before the first backward)."""
+        built = getattr(self, "_transposed", None)
+        return 0 if built is None else sum(a.nbytes for a in built)
 
     def step_args(self):
         """Kernel arguments of per-step products: the stored arrays (CSR
@@ -258,6 +277,10 @@ class CSR(_Weight):
             return layout.lane_scales, values, layout.indices, layout.table
         return w0, values, layout.indices, layout.slices
 
+    def dense_copy(self):
+        """A ``Dense`` copy of the weight (the ``dense`` execution layout)."""
+        return Dense(self.public().toarray())
+
     def step_layout(self):
         """The execution layout of per-step products (``SellWindows``, ``Sell``,
         ``Dense`` or self), built on first use."""
@@ -286,7 +309,7 @@ class CSR(_Weight):
         if not self.trainable:
             raise TypeError(f"a {self.value_type} weight is for inference only")
         if self._transposed is None:
-            pattern = _transpose_pattern(self.indices, self.indptr, self.shape)
+            pattern = transpose_pattern(self.indices, self.indptr, self.shape)
             self._transposed = (np.empty_like(self.data),) + pattern
         data_t, indices_t, indptr_t, perm = self._transposed
         np.take(self.data, perm, out=data_t)
@@ -343,10 +366,10 @@ class BSR(_Weight):
     def kernel_args_t(self):
         """The BSR pattern of W^T ((bc, br) blocks), refreshed from ``data``."""
         if self._transposed is None:
-            self._transposed = _transpose_blocks(self.data, self.indices, self.indptr,
+            self._transposed = transpose_blocks(self.data, self.indices, self.indptr,
                                                  self.shape)
         data_t, indices_t, indptr_t, perm = self._transposed
-        K.gather_blocks_t(data_t, self.data, perm)
+        cpu_kernels.gather_blocks_t(data_t, self.data, perm)
         return self._no_dense, data_t, indices_t, indptr_t
 
     def public(self, values=None):
@@ -365,7 +388,7 @@ def describe(weight):
     return f"csr {weight.value_type}/{weight.index_type}"
 
 
-def _transpose_pattern(indices, indptr, shape):
+def transpose_pattern(indices, indptr, shape):
     """(indices_t, indptr_t, perm): the CSR pattern of W^T, and for each of its
     values the position of the same value in W's."""
     nnz = indices.shape[0]
@@ -377,12 +400,12 @@ def _transpose_pattern(indices, indptr, shape):
     return t.indices.astype(np.int32), t.indptr.astype(np.int32), perm
 
 
-def _transpose_blocks(data, indices, indptr, shape):
+def transpose_blocks(data, indices, indptr, shape):
     """Block pattern of W^T: the transposed block-level CSR plus ``perm``."""
     br, bc = data.shape[1:]
     nb = data.shape[0]
     grid = (shape[0] // br, shape[1] // bc)
-    indices_t, indptr_t, perm = _transpose_pattern(indices, indptr, grid)
+    indices_t, indptr_t, perm = transpose_pattern(indices, indptr, grid)
     data_t = np.empty((nb, bc, br), data.dtype)
     return data_t, indices_t, indptr_t, perm
 

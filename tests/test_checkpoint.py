@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from strategies import configs
 
 import numlstm
-from numlstm.workspace import plan_nbytes
 
 # float64 sums in another order (per segment) agree to ~1e-15; float32 to a few ulps
 # of the values involved, which grow through the layers of a tiny random model.
@@ -99,7 +98,7 @@ def test_checkpoint_float32_long_sequence_csr():
     full = {k: g.copy() for k, g in m.grad_arrays().items()}
     m.zero_grad()
     yc, _ = m(x, training=True, checkpoint="auto")
-    assert m._tape.segment == 18
+    assert m.engine.tape.segment == 18
     dxc, _ = m.backward(np.ones_like(y))
     np.testing.assert_allclose(yc, y, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dxc, dx, rtol=1e-4, atol=1e-5)
@@ -110,8 +109,8 @@ def test_checkpoint_float32_long_sequence_csr():
 def test_checkpointed_workspace_is_much_smaller():
     m = numlstm.LSTM(4, 32, num_layers=2, seed=0)
     T, B = 2000, 2
-    full = m._memory_plan(T, B, training=True)
-    auto = m._memory_plan(T, B, training=True, checkpoint="auto")
+    full = m.memory_plan(T, B, training=True)
+    auto = m.memory_plan(T, B, training=True, checkpoint="auto")
     assert full["segment"] is None and auto["segment"] == math.isqrt(T - 1) + 1 == 45
     # The full tape keeps gates and states: ~ (4H + O + H) per step, layer and direction.
     assert full["activations"] > 2 * T * B * (6 * 32) * 4
@@ -120,12 +119,12 @@ def test_checkpointed_workspace_is_much_smaller():
     assert auto["workspace"] + auto["activations"] < (full["workspace"] + full["activations"]) / 5
     x = np.zeros((T, B, 4), np.float32)
     for checkpoint, plan in ((None, full), ("auto", auto)):
-        m._train_ws.release()
+        m.engine.train_ws.release()
         y, _ = m(x, training=True, checkpoint=checkpoint)
-        assert m._train_ws.nbytes == plan["activations"] + plan["workspace"]
+        assert m.engine.train_ws.nbytes == plan["activations"] + plan["workspace"]
         m.backward(np.zeros_like(y))
     # Nothing of size (T, B, G) or (T, B, H) per layer in checkpoint mode.
-    spec = dict(m._plan(T, B, True, auto["segment"]))
+    spec = dict(m.engine.plan(T, B, True, auto["segment"])[0])
     big = {name for name, shape in spec.items() if int(np.prod(shape)) >= T * B * 32}
     assert big == {"x1", "dxa"}, big  # the layer-1 input and its dx: (T, B, O) each
 
@@ -134,8 +133,8 @@ def test_checkpointed_workspace_is_much_smaller():
 def test_memory_plan_is_what_the_workspace_allocates(cfg, segment):
     m, x, h0, c0, _ = build(cfg)
     for training, checkpoint in ((False, None), (True, None), (True, segment)):
-        plan = m._memory_plan(cfg.T, cfg.B, training=training, checkpoint=checkpoint)
-        ws = m._train_ws if training else m._infer_ws
+        plan = m.memory_plan(cfg.T, cfg.B, training=training, checkpoint=checkpoint)
+        ws = m.engine.train_ws if training else m.engine.infer_ws
         ws.release()
         m(x, (h0, c0), lengths=cfg.lengths, training=training, checkpoint=checkpoint)
         assert ws.nbytes == plan["activations"] + plan["workspace"]
@@ -152,16 +151,16 @@ def test_transposed_patterns_are_counted():
     state["weight_hh_l0"] = sp.csr_array(w)
     m.load_state_dict(state)
     nnz = state["weight_hh_l0"].nnz
-    predicted = m._memory_plan(5, 2, training=True)["transposed"]
+    predicted = m.memory_plan(5, 2, training=True)["transposed"]
     assert predicted == nnz * (8 + 4 + 8) + (8 + 1) * 4
     y, _ = m(np.ones((5, 2, 6)), training=True)
     m.backward(y)
-    assert m._memory_plan(5, 2, training=True)["transposed"] == predicted  # now built
-    assert m._memory_plan(5, 2, training=False)["transposed"] == 0
+    assert m.memory_plan(5, 2, training=True)["transposed"] == predicted  # now built
+    assert m.memory_plan(5, 2, training=False)["transposed"] == 0
 
 
 def _nbytes(m, T, B, segment):
-    return plan_nbytes(m._plan(T, B, True, segment), m.dtype)
+    return m.engine.plan_nbytes(T, B, True, segment)
 
 
 def test_memory_budget_picks_the_full_tape_when_it_fits():
@@ -169,7 +168,7 @@ def test_memory_budget_picks_the_full_tape_when_it_fits():
     x = np.random.default_rng(0).standard_normal((50, 3, 4)).astype(np.float32)
     full = _nbytes(m, 50, 3, None)
     y, _ = m(x, training=True, memory_budget=full)
-    assert m._tape.segment is None
+    assert m.engine.tape.segment is None
     y_ref, _ = numlstm.LSTM(4, 8, num_layers=2, seed=0)(x, training=True)
     np.testing.assert_array_equal(y, y_ref)
 
@@ -183,9 +182,9 @@ def test_memory_budget_picks_a_checkpoint_plan_that_fits():
     m(x, training=True)  # a full-tape block, released by the budgeted calls
     for budget in (full - 1, full // 2, min(sizes.values())):
         y, _ = m(x, training=True, memory_budget=budget)
-        k = m._tape.segment
+        k = m.engine.tape.segment
         assert k is not None and sizes[k] <= budget
-        assert m._train_ws.nbytes <= budget
+        assert m.engine.train_ws.nbytes <= budget
         # Fewest segments that fit: no plan with fewer segments fits.
         fits = [j for j, size in sizes.items() if size <= budget]
         assert math.ceil(T / k) == min(math.ceil(T / j) for j in fits)
@@ -226,7 +225,7 @@ def test_bad_checkpoint_arguments(kwargs, exc, match):
         m(np.zeros((6, 2, 4), np.float32), **kwargs)
     if "memory_budget" not in kwargs:  # _memory_plan checks checkpoint the same way
         with pytest.raises(exc, match=match):
-            m._memory_plan(6, 2, training=kwargs.get("training", False),
+            m.memory_plan(6, 2, training=kwargs.get("training", False),
                            checkpoint=kwargs["checkpoint"])
 
 

@@ -26,12 +26,12 @@ def test_prune_quantize_info_end_to_end(saved, tmp_path, capsys):
     assert m.sparsity()["overall"] == pytest.approx(0.9, abs=0.01)
     assert cli.main(["quantize", str(pruned), "--dtype", "int8", "-o", str(quantized)]) == 0
     q = numlstm.load(quantized)
-    assert {w.value_type for w in q._weights().values()} == {"int8"}
+    assert {w.value_type for w in q.weights().values()} == {"int8"}
     x = np.random.default_rng(0).standard_normal((5, 1, 8)).astype(np.float32)
     assert np.max(np.abs(q(x)[0] - m(x)[0])) < 0.05
     assert cli.main(["prune", str(saved), "--sparsity", "0.5", "--block", "8x1",
                      "-o", str(blocked)]) == 0
-    assert {w.format for w in numlstm.load(blocked)._weights().values()} == {"bsr"}
+    assert {w.format for w in numlstm.load(blocked).weights().values()} == {"bsr"}
     capsys.readouterr()
     assert cli.main(["info", str(quantized), "--seq-len", "10"]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Device-resident models (``model.to("cuda")``, numlstm.device) against the CPU model.
+"""Device-resident models (``model.to("cuda")``, numlstm.backends.cuda) against the CPU model.
 
 Without a GPU these run under the CUDA simulator, which must be switched on
 before numba is imported:
@@ -45,7 +45,8 @@ if REASON is None:
     import numba
     from numba import cuda
 
-    import numlstm.device as D
+    from numlstm.backends import cuda as CB
+    from numlstm.checks import is_device_array
 
     SIM = bool(numba.config.ENABLE_CUDASIM)
 else:  # pragma: no cover
@@ -164,7 +165,7 @@ def test_forward_backward_match_cpu(c):
     # inference
     y0, (h0, c0) = cpu.forward(x, state, lengths=c["lengths"])
     y1, (h1, c1) = dev.forward(put(x), put(state), lengths=c["lengths"])
-    assert D.is_device_array(y1) and D.is_device_array(h1)
+    assert is_device_array(y1) and is_device_array(h1)
     assert_close(y1, y0, dt, "y")
     assert_close(h1, h0, dt, "h_n")
     assert_close(c1, c0, dt, "c_n")
@@ -185,7 +186,7 @@ def test_forward_backward_match_cpu(c):
     g0, g1 = cpu.grad_arrays(), dev.grad_arrays()
     assert set(g0) == set(g1)
     for name in g0:
-        assert D.is_device_array(g1[name]), name
+        assert is_device_array(g1[name]), name
         np.testing.assert_allclose(host(g1[name]), g0[name], err_msg=name, **tol)
 
 
@@ -213,14 +214,13 @@ def test_unbatched_and_device_state():
 @device
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
 def test_persistent_forward_matches_cpu(sparse, monkeypatch):
-    """The opt-in one-launch recurrence (numlstm.device.PERSISTENT_FORWARD)."""
-    monkeypatch.setattr(D, "PERSISTENT_FORWARD", True)
-    D._load()
+    """The opt-in one-launch recurrence (numlstm.backends.cuda.PERSISTENT_FORWARD)."""
+    monkeypatch.setattr(CB, "PERSISTENT_FORWARD", True)
 
     def per_step(*args, **kw):
         raise AssertionError("the per-step recurrence ran, not the persistent one")
 
-    monkeypatch.setattr(D._KC, "lstm_seq_forward", per_step)
+    monkeypatch.setattr(CB.cuda_kernels, "lstm_seq_forward", per_step)
     cpu = make_model(2, 4, L=2, P=2, sparse=(sparse, sparse, sparse), dtype=np.float32)
     dev = copy.deepcopy(cpu).to("cuda")
     x = np.random.default_rng(2).standard_normal((3, 2, 2)).astype(np.float32)
@@ -235,10 +235,87 @@ def test_persistent_forward_matches_cpu(sparse, monkeypatch):
 
 
 @device
+@settings(max_examples=6, deadline=None)
+@given(c=cases(), checkpoint=st.sampled_from([1, 2, "auto"]))
+def test_checkpointed_training_matches_cpu(c, checkpoint):
+    """checkpoint= on the device: forward outputs, dx, the state gradients and
+    every parameter gradient equal the CPU model's checkpointed run (which
+    tests/test_checkpoint.py holds equal to the full tape)."""
+    cpu, x, state, rng = build(c)
+    dev = copy.deepcopy(cpu).to("cuda")
+    dt = c["dtype"]
+    kw = dict(lengths=c["lengths"], training=True, checkpoint=checkpoint)
+    y0, (h0, c0) = cpu.forward(x, state, **kw)
+    y1, (h1, c1) = dev.forward(x, state, **kw)
+    assert dev.engine.tape.segment == cpu.engine.tape.segment is not None
+    for a, b, what in ((y1, y0, "y"), (h1, h0, "h_n"), (c1, c0, "c_n")):
+        assert_close(a, b, dt, what)
+    dy = rng.standard_normal(y0.shape).astype(dt)
+    dh = rng.standard_normal(h0.shape).astype(dt)
+    dx0, (dh00, dc00) = cpu.backward(dy, (dh, np.zeros_like(c0)))
+    dx1, (dh01, dc01) = dev.backward(dy, (dh, np.zeros_like(c0)))
+    for a, b, what in ((dx1, dx0, "dx"), (dh01, dh00, "dh0"), (dc01, dc00, "dc0")):
+        assert_close(a, b, dt, what)
+    g0, g1 = cpu.grad_arrays(), dev.grad_arrays()
+    for name in g0:
+        assert_close(g1[name], g0[name], dt, name)
+
+
+@device
+def test_memory_budget_holds_on_the_device():
+    """memory_budget= on the device: a budget below the full tape's plan picks a
+    checkpoint plan, the device workspace stays within it, and results and
+    gradients equal the CPU's."""
+    cpu = make_model(3, 4, L=2, D2=True, P=2, sparse=(True, False, True), dtype=np.float64)
+    dev = copy.deepcopy(cpu).to("cuda")
+    T, B = 9, 2
+    x = np.random.default_rng(5).standard_normal((T, B, 3))
+    full = dev.memory_plan(T, B, training=True)
+    budget = full["activations"] + full["workspace"] - 1  # the full tape does not fit
+    y0, _ = cpu.forward(x, training=True, memory_budget=budget)
+    y1, _ = dev.forward(x, training=True, memory_budget=budget)
+    assert dev.engine.tape.segment is not None  # checkpointed (one segment may do)
+    assert dev.engine.train_ws.nbytes <= budget
+    assert_close(y1, y0, np.float64, "y")
+    dx0, _ = cpu.backward(np.ones(y0.shape))
+    dx1, _ = dev.backward(np.ones(y0.shape))
+    assert_close(dx1, dx0, np.float64, "dx")
+    for name, g in cpu.grad_arrays().items():
+        assert_close(dev.grad_arrays()[name], g, np.float64, name)
+    with pytest.raises(ValueError, match="cannot hold a training step"):
+        dev.forward(x, training=True, memory_budget=100)
+
+
+@device
+@pytest.mark.parametrize("checkpoint", [None, 2])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_memory_report_is_exact_for_device_models(checkpoint, batch_first):
+    """memory_report of a device model predicts the device workspace block to
+    the byte (activations + workspace), training and inference."""
+    m = make_model(3, 4, L=2, D2=True, P=2, sparse=(True, True, False), dropout=0.5,
+                   batch_first=batch_first, dtype=np.float32).to("cuda")
+    T, B = 5, 2
+    x = np.ones((B, T, 3) if batch_first else (T, B, 3), np.float32)
+    for training in (True, False):
+        ckpt = checkpoint if training else None
+        report = numlstm.memory_report(m, T, B, training=training, checkpoint=ckpt)
+        m.release_workspaces()
+        y, _ = m.forward(x, training=training, checkpoint=ckpt)
+        ws = m.engine.train_ws if training else m.engine.infer_ws
+        assert ws.nbytes == report["recorded activations"] + \
+            m.memory_plan(T, B, training=training, checkpoint=ckpt)["workspace"]
+        if training:
+            m.backward(np.ones(host(y).shape, np.float32))
+            assert report["gradients"] == sum(g.nbytes for g in m.grad_arrays().values())
+    with pytest.raises(ValueError, match="measure"):
+        numlstm.memory_report(m, T, B, measure=True)
+
+
+@device
 def test_bsr_weights_match_cpu():
     cpu = make_model(4, 4, dtype=np.float32, seed=3)
     prune.blocks(cpu, 0.5, block=(2, 2))
-    assert {w.format for w in cpu._weights().values()} == {"bsr"}
+    assert {w.format for w in cpu.weights().values()} == {"bsr"}
     dev = copy.deepcopy(cpu).to("cuda")
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 2, 4)).astype(np.float32)
@@ -268,25 +345,25 @@ def test_stream_matches_cpu(L, P, sparse, dtype, B):
     xs = rng.standard_normal((3, B, 3)).astype(dtype)
     s0 = cpu.stream(B)
     s1 = dev.stream(B)
-    assert isinstance(s1, numlstm.Stream) and isinstance(s1, D.DeviceStream)
+    assert isinstance(s1, numlstm.Stream) and s1.model.device == "cuda"
     for t in range(3):
         h0 = s0.step(xs[t])
         # host input, device input, and a host result: all three forms
         h1 = s1.step(xs[t]) if t == 0 else (
             s1.step(cuda.to_device(xs[t])) if t == 1 else s1.step(xs[t], to_host=True))
         if t < 2:
-            assert D.is_device_array(h1)
+            assert is_device_array(h1)
         assert_close(h1, h0, dtype, f"step {t}")
     # streaming T steps == forward over T, on the device
     y, _ = dev.forward(xs)
     assert_close(h1, host(y)[-1], dtype, "stream == forward")
     h, c = s1.state
-    assert D.is_device_array(h)
+    assert is_device_array(h)
     assert_close(c, s0.state[1], dtype, "state c")
     s1.reset()
     assert not host(s1.state[0]).any()
     # a stream built directly goes to the device too
-    assert isinstance(numlstm.Stream(dev, 1), D.DeviceStream)
+    assert is_device_array(numlstm.Stream(dev, 1).step(xs[0][:1]))
 
 
 @device
@@ -335,10 +412,10 @@ def test_optimizer_steps_match_cpu(make_opt, dtype):
             else:
                 assert norm == pytest.approx(n0, rel=1e-5)
             o.step()
-    assert all(D.is_device_array(a) for st_ in o1.state.values() for a in st_.values())
+    assert all(is_device_array(a) for st_ in o1.state.values() for a in st_.values())
     p1 = dev.parameters()
     for name, p in cpu.parameters().items():
-        assert D.is_device_array(p1[name])
+        assert is_device_array(p1[name])
         np.testing.assert_allclose(host(p1[name]), p, err_msg=name,
                                    rtol=1e-5 if dtype == np.float32 else 1e-12,
                                    atol=1e-6 if dtype == np.float32 else 1e-13)
@@ -357,7 +434,7 @@ def test_optimizer_state_follows_the_model_between_devices():
             y, _ = model.forward(x, training=True)
             model.backward(np.ones(y.shape))
             opt.step()
-        assert D.is_device_array(o.state[(0, "weight_hh_l0")]["v"]) == (where == "cuda")
+        assert is_device_array(o.state[(0, "weight_hh_l0")]["v"]) == (where == "cuda")
     for name, p in ref.parameters().items():
         np.testing.assert_allclose(m.parameters()[name], p, rtol=1e-12, atol=1e-14)
 
@@ -389,7 +466,7 @@ def test_round_trip_preserves_weights_exactly():
 def test_compact_indices_run_on_the_device():
     cpu = make_model(3, 4, dtype=np.float32, sparse=(True, True, False))
     quantize.quantize(cpu, None, "uint16")  # float values, uint16 patterns: trainable
-    assert {w.index_type for w in cpu._weights().values()} == {"uint16"}
+    assert {w.index_type for w in cpu.weights().values()} == {"uint16"}
     dev = copy.deepcopy(cpu).to("cuda")
     x = np.random.default_rng(0).standard_normal((2, 2, 3)).astype(np.float32)
     y0, _ = cpu.forward(x, training=True)
@@ -399,7 +476,7 @@ def test_compact_indices_run_on_the_device():
     dx1, _ = dev.backward(np.ones(y0.shape, np.float32))
     assert_close(dx1, dx0, np.float32, "dx")
     dev.to("cpu")
-    assert {w.index_type for w in dev._weights().values()} == {"uint16"}
+    assert {w.index_type for w in dev.weights().values()} == {"uint16"}
 
 
 @device
@@ -480,7 +557,7 @@ def test_pruning_mid_training_with_remapped_optimizer_state():
             o.step()
             if phase == 0:
                 o.remap(prune.magnitude(m, 0.5))
-    assert D.is_device_array(runs[1][1].state[(0, "weight_ih_l0")]["m"])
+    assert is_device_array(runs[1][1].state[(0, "weight_ih_l0")]["m"])
     for name, p in cpu.parameters().items():
         np.testing.assert_allclose(host(dev.parameters()[name]), p, err_msg=name,
                                    rtol=1e-9, atol=1e-12)
@@ -509,10 +586,10 @@ def test_unsupported_and_bad_calls():
         m.to("tpu")
     m.to("cuda")
     x = np.ones((2, 1, 2))
-    with pytest.raises(NotImplementedError, match="checkpoint"):
-        m.forward(x, training=True, checkpoint=1)
-    with pytest.raises(NotImplementedError, match="memory_budget"):
-        m.forward(x, training=True, memory_budget=10**6)
+    with pytest.raises(ValueError, match="needs training=True"):
+        m.forward(x, checkpoint=1)
+    with pytest.raises(ValueError, match="cannot hold a training step"):
+        m.forward(x, training=True, memory_budget=1)
     with pytest.raises(RuntimeError, match="preceding forward"):
         m.backward(np.ones((2, 1, 3)))
     y, _ = m.forward(x, training=True)
@@ -549,13 +626,13 @@ def test_device_inputs_are_used_without_a_copy(wrap, monkeypatch):
     x = np.random.default_rng(0).standard_normal((2, 2, 3))
     xd = cuda.to_device(x)
     seen = []
-    matmul = D._KC.matmul
+    matmul = CB.cuda_kernels.matmul
 
     def spy(out, xin, *args, **kw):
         seen.append(ptr(xin))
         return matmul(out, xin, *args, **kw)
 
-    monkeypatch.setattr(D._KC, "matmul", spy)
+    monkeypatch.setattr(CB.cuda_kernels, "matmul", spy)
     uploads = []
     to_device = cuda.to_device
     monkeypatch.setattr(cuda, "to_device", lambda *a, **k: uploads.append(a) or to_device(*a, **k))
@@ -684,7 +761,9 @@ def test_glue_and_optimizer_kernels_compile_to_ptx(dtype, monkeypatch):
     A1, A2, A3, I1 = ft[::1], ft[:, ::1], ft[:, :, ::1], int64[::1]
     sigs = {"_fill": (A1, ft), "_add": (A1, A1), "_mul": (A1, A1), "_scale": (A1, ft),
             "_put_cols": (A3, A3, I1, int64), "_take_cols": (A3, A3, int64),
-            "_swap01": (A3, A3), "_gather1d": (A1, A1, I1), "_bias_grad_acc": (A1, A1, A2, ft),
+            "_swap01": (A3, A3), "_scatter_cols": (A2, A2, I1, int64),
+            "_add_rows_at": (A2, A2, I1), "_gather1d": (A1, A1, I1),
+            "_bias_grad_acc": (A1, A1, A2, ft),
             "_sgd": (A1, A1, A1, ft, ft, ft, boolean, boolean),
             "_adam": (A1, A1, A1, A1) + (ft,) * 9, "_sumsq": (float64[::1], A1)}
     for name, sig in sigs.items():

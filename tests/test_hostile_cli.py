@@ -164,7 +164,7 @@ def test_info_on_a_big_endian_file_works(model_file, capsys):
 def test_quantize_of_values_past_int8_scales(tmp_path, capsys):
     m = numlstm.LSTM(3, 4, seed=0)
     prune.magnitude(m, 0.5)
-    m._weights()["weight_ih_l0"].values[0] = 1e7
+    m.weights()["weight_ih_l0"].values[0] = 1e7
     numlstm.save(m, tmp_path / "big.npz")
     _fails(capsys, ["quantize", tmp_path / "big.npz", "-o", tmp_path / "q.npz"],
            "weight_ih_l0 cannot be stored as int8", "values=None")

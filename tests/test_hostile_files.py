@@ -131,7 +131,7 @@ def test_big_endian_arrays_load_native_and_run(tmp_path, kind):
             assert part is None or (part.dtype.isnative and part.flags.c_contiguous), name
     x = np.random.default_rng(0).standard_normal((5, 2, model.input_size))
     np.testing.assert_array_equal(loaded(x)[0], model(x)[0])
-    if loaded._weights()["weight_hh_l0"].trainable:  # prune copies native arrays
+    if loaded.weights()["weight_hh_l0"].trainable:  # prune copies native arrays
         prune.magnitude(loaded, 0.6)
         numlstm.save(loaded, tmp_path / "p.npz")
         assert numlstm.load(tmp_path / "p.npz")(x)[0].shape == (5, 2, model.output_size)
@@ -144,7 +144,7 @@ def test_fortran_order_arrays_load_in_c_order(saved):
     members["weight_ih_l0.values.npy"] = _npy(np.asfortranarray(w))
     saved.write_bytes(_zip(members))
     loaded = numlstm.load(saved)
-    values = loaded._weights()["weight_ih_l0"].values
+    values = loaded.weights()["weight_ih_l0"].values
     assert values.flags.c_contiguous
     np.testing.assert_array_equal(values, w)
 
@@ -374,13 +374,13 @@ def test_save_refuses_a_model_that_would_not_load_back(tmp_path, saved):
 def test_int8_quantize_refuses_scales_that_overflow(tmp_path):
     model = numlstm.LSTM(3, 4, seed=0)
     prune.magnitude(model, 0.5)
-    w = model._weights()["weight_hh_l0"]
+    w = model.weights()["weight_hh_l0"]
     w.values[0] = 9e6  # past 127 * 65504: the float16 scale would be inf
-    before = {k: v.values.copy() for k, v in model._weights().items()}
+    before = {k: v.values.copy() for k, v in model.weights().items()}
     with pytest.raises(ValueError, match=r"weight_hh_l0 cannot be stored as int8: row 0 "
                                          r"has \|w\| up to 9e\+06"):
         quantize(model, "int8")
-    assert all(np.array_equal(model._weights()[k].values, v) for k, v in before.items())
+    assert all(np.array_equal(model.weights()[k].values, v) for k, v in before.items())
     w.values[0] = 8e6  # just inside: quantized, saved and loaded back
     quantize(model, "int8")
     numlstm.save(model, tmp_path / "q.npz")

@@ -213,7 +213,7 @@ def test_models_pickle_and_copy(label, model):
     y, _ = model(x)
     for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         np.testing.assert_array_equal(clone(x)[0], y)
-        if all(w.trainable for w in clone._weights().values()):
+        if all(w.trainable for w in clone.weights().values()):
             for p in clone.parameters().values():  # in-place updates reach the kernels
                 p *= 0
             assert not np.any(clone(x)[0])

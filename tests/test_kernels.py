@@ -181,15 +181,15 @@ def test_sequence_kernels_allocate_nothing_per_time_step():
     counts = []
     for T in (2, 40):
         model(np.ones((T, 2, 3), np.float32), training=True)  # fills the tape's buffers
-        v, lengths = model._tape.views, model._tape.lengths
+        v, lengths = model.engine.tape.views, model.engine.tape.lengths
         dy = np.ones((T, 2, 2), np.float32)  # with D = 1 backward reads dy itself
         forward = ((v["hs00"], v["cs00"], v["gates00"], v["rs00"], v["scratch"], lengths)
-                   + model._biases(0, 0) + model._weight("hh", 0, 0).kernel_args()
-                   + model._proj_args(0, 0))
+                   + model.biases(0, 0) + model.kernel_params().weight("hh", 0, 0).kernel_args()
+                   + model.proj_args(0, 0))
         backward = ((v["dh"], v["dc"], v["gates00"], v["dhs"], v["scratch_o"], v["scratch_h"],
                      dy, v["hs00"], v["cs00"], v["rs00"], lengths)
-                    + model._weight("hh", 0, 0).kernel_args_t()
-                    + model._proj_args(0, 0, transposed=True))
+                    + model.kernel_params().weight("hh", 0, 0).kernel_args_t()
+                    + model.proj_args(0, 0, transposed=True))
         K.lstm_seq_forward(*forward)  # compile outside the count
         K.lstm_seq_backward(*backward)
         before = rtsys.get_allocation_stats().alloc

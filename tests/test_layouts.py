@@ -80,7 +80,7 @@ def test_a_trainable_layout_follows_in_place_updates():
     m = numlstm.LSTM(6, 16, seed=0)
     numlstm.prune.magnitude(m, 0.8)
     assert any(isinstance(w.step_layout(), layouts.SELL_KINDS)
-               for w in m._weights().values())
+               for w in m.weights().values())
     x = np.random.default_rng(0).standard_normal((4, 1, 6)).astype(np.float32)
     s = m.stream(1)
     for name, p in m.parameters().items():
@@ -110,7 +110,7 @@ def test_the_layout_choice_never_changes_results(monkeypatch):
 def test_per_row_pruning_needs_no_padding():
     m = numlstm.LSTM(8, 64, seed=0)
     numlstm.prune.magnitude(m, 0.75, scope="per_row")
-    for w in m._weights().values():
+    for w in m.weights().values():
         sell = layouts.Sell(w.data, w.indices, w.indptr, w.shape)
         assert sell.data.size == w.nnz  # every lane of every entry a stored value
 
@@ -122,7 +122,7 @@ def test_layout_bytes_are_counted(kind, monkeypatch):
     monkeypatch.setattr(config, "STEP_LAYOUT", kind)
     m = numlstm.LSTM(8, 32, seed=0)
     numlstm.prune.magnitude(m, 0.9)
-    extra = sum(w.step_layout().nbytes for w in m._weights().values())
+    extra = sum(w.step_layout().nbytes for w in m.weights().values())
     report = numlstm.memory_report(m, 10, 1)
     assert report["weight layout"] == extra > 0
 

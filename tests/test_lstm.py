@@ -109,7 +109,7 @@ def test_dropout_uses_its_mask_in_forward_and_backward(D):
     rng = np.random.default_rng(1)
     x, lengths = rng.standard_normal((6, 4, 3)), np.array([6, 3, 5, 1])
     y, (h_n, c_n) = m(x, lengths=lengths, training=True)
-    masks = [m._tape.views[f"mask{l}"].copy() for l in range(2)]
+    masks = [m.engine.tape.views[f"mask{l}"].copy() for l in range(2)]
     kept = np.concatenate([mk.ravel() for mk in masks])
     assert set(np.unique(kept)) <= {0.0, 1 / 0.6} and 0 < np.mean(kept == 0) < 1
     ry, rh, rc, cache = lstm_forward(dense64(m.state_dict()), x, hidden_size=5, num_layers=3,

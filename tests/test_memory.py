@@ -64,7 +64,7 @@ def test_rows_sum_to_total_and_weights_match_weight_bytes():
     grads = sum(g.nbytes for g in m.grad_arrays().values())
     assert report["gradients"] == grads
     assert report["optimizer state"] == 2 * grads
-    plan = m._memory_plan(50, 4, training=True, checkpoint=5)
+    plan = m.memory_plan(50, 4, training=True, checkpoint=5)
     assert report["recorded activations"] == plan["activations"]
     assert report["workspace"] == plan["workspace"] + plan["transposed"] + plan["outputs"]
     assert report.as_dict() == dict(report)

@@ -107,7 +107,7 @@ def test_trains_csr_values_and_follows_gradual_pruning():
             assert v.shape == before[k].shape and not np.array_equal(v, before[k])
         pruner.step()
     assert model.sparsity()["overall"] == pytest.approx(0.8, abs=0.01)
-    w = model._weights()["weight_hh_l0"]
+    w = model.weights()["weight_hh_l0"]
     assert opt.state[(0, "weight_hh_l0")]["m"].shape == w.values.shape
     assert opt.nbytes == 2 * sum(v.nbytes for v in model.parameters().values())
     # Re-storing without remapping is caught, not silently misapplied.

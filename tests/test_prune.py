@@ -23,7 +23,7 @@ def _check_positions(before, m, positions):
     """Every new stored value is the old value at its recorded position."""
     for name, pos in positions.items():
         old = before[name].reshape(-1)
-        new = m._weights()[name].values
+        new = m.weights()[name].values
         assert pos.shape == new.shape, name
         np.testing.assert_array_equal(new[pos >= 0], old[pos[pos >= 0]])
 
@@ -41,7 +41,7 @@ def test_magnitude_keeps_the_largest_weights(scope, sparsity, seed, P):
     _check_positions(values, m, positions)
     kept_all, dropped_all = [], []
     for name in weights:
-        w = m._weights()[name]
+        w = m.weights()[name]
         assert w.format == "csr"
         kept = w.public().toarray() != 0
         R, C = w.shape
@@ -76,9 +76,9 @@ def test_pruning_again_prunes_among_the_kept_weights():
         assert np.all(now <= mask), name
     # Rows the first pruning thinned below the per-row count keep what they have.
     assert 0.7 < m.sparsity()["overall"] <= 0.8
-    nnz = {k: w.nnz for k, w in m._weights().items()}
+    nnz = {k: w.nnz for k, w in m.weights().items()}
     prune.magnitude(m, 0.3)  # asking for less than is already pruned removes nothing
-    assert {k: w.nnz for k, w in m._weights().items()} == nnz
+    assert {k: w.nnz for k, w in m.weights().items()} == nnz
 
 
 def test_threshold_drops_exactly_the_small_weights():
@@ -88,7 +88,7 @@ def test_threshold_drops_exactly_the_small_weights():
     after = _dense(m)
     w = before["weight_hh_l1"]
     np.testing.assert_array_equal(after["weight_hh_l1"], np.where(np.abs(w) >= 0.2, w, 0))
-    assert m._weights()["weight_ih_l0"].format == "dense"  # not selected
+    assert m.weights()["weight_ih_l0"].format == "dense"  # not selected
 
 
 @pytest.mark.parametrize("block,scope", [((8, 1), "per_matrix"), ((1, 2), "global"),
@@ -101,7 +101,7 @@ def test_blocks_prune_whole_blocks_into_bsr(block, scope):
     _check_positions(values, m, positions)
     br, bc = block
     norms_kept, norms_dropped = [], []
-    for name, w in m._weights().items():
+    for name, w in m.weights().items():
         assert w.format == "bsr" and w.blocksize == block
         R, C = w.shape
         norms = np.sqrt((before[name] ** 2).reshape(R // br, br, C // bc, bc).sum(axis=(1, 3)))

@@ -37,7 +37,7 @@ def _to_bsr(m, rng):
 def test_block_sparse_forward_and_gradients_match_reference(cfg, training):
     m, x, h0, c0, rng = build(cfg)
     _to_bsr(m, rng)
-    assert all(w.format == "bsr" for w in m._weights().values())
+    assert all(w.format == "bsr" for w in m.weights().values())
     y, (h_n, c_n) = m(x, (h0, c0), lengths=cfg.lengths, training=True)
     ry, rh, rc, cache = lstm_forward(dense64(m.state_dict()), x, h0=h0, c0=c0,
                                      **ref_kwargs(cfg))
@@ -64,13 +64,13 @@ def test_block_sparse_forward_and_gradients_match_reference(cfg, training):
 @given(configs(dtypes=(np.float64,)))
 def test_compact_indices_change_nothing_and_still_train(cfg):
     m, x, h0, c0, rng = build(cfg)
-    assume(any(w.format == "csr" for w in m._weights().values()))
+    assume(any(w.format == "csr" for w in m.weights().values()))
     y, _ = m(x, (h0, c0), lengths=cfg.lengths, training=True)
     dy = rng.standard_normal(y.shape)
     dx, _ = m.backward(dy)
     grads = {k: np.array(v.toarray() if sp.issparse(v) else v) for k, v in m.grad.items()}
     quantize(m, values=None, indices="uint16", skip_dense=True)
-    assert {w.index_type for w in m._weights().values() if w.format == "csr"} == {"uint16"}
+    assert {w.index_type for w in m.weights().values() if w.format == "csr"} == {"uint16"}
     y2, _ = m(x, (h0, c0), lengths=cfg.lengths, training=True)
     dx2, _ = m.backward(dy)
     np.testing.assert_array_equal(y2, y)
@@ -92,7 +92,7 @@ def test_quantized_model_runs_its_own_values_and_streams(values, P):
     x = np.random.default_rng(0).standard_normal((12, 3, 6)).astype(np.float32)
     y_float, _ = m(x)
     quantize(m, values)
-    assert {w.value_type for w in m._weights().values()} == {values}
+    assert {w.value_type for w in m.weights().values()} == {values}
     y, (h_n, c_n) = m(x)
     # Exactly the model whose weights are the dequantized values ...
     ref = numlstm.LSTM(6, 16, num_layers=2, proj_size=P)
@@ -108,12 +108,12 @@ def test_quantized_model_runs_its_own_values_and_streams(values, P):
 
 def test_quantized_weights_are_much_smaller():
     m = numlstm.LSTM(64, 256, seed=0)
-    dense_bytes = sum(w.nbytes for w in m._weights().values())
+    dense_bytes = sum(w.nbytes for w in m.weights().values())
     numlstm.prune.magnitude(m, 0.9)
     sizes = {}
     for values in ("float16", "int8"):
         quantize(m, values)
-        sizes[values] = sum(w.nbytes for w in m._weights().values())
+        sizes[values] = sum(w.nbytes for w in m.weights().values())
     # 10x and 13.3x counting values and indices only; the SELL layout that stores quantized
     # values adds its padding (1-2% here) and a slice table (4.6 KiB a weight).
     assert dense_bytes / sizes["float16"] >= 8.5
@@ -150,8 +150,8 @@ def test_quantize_rejects_bad_arguments_and_dense_weights():
     with pytest.raises(ValueError, match="70000 columns"):
         quantize(wide, None, indices="uint16")
     quantize(wide, None)  # "auto" keeps int32 where uint16 cannot hold the columns
-    assert wide._weights()["weight_ih_l0"].index_type == "int32"
-    assert wide._weights()["weight_hh_l0"].index_type == "uint16"
+    assert wide.weights()["weight_ih_l0"].index_type == "int32"
+    assert wide.weights()["weight_hh_l0"].index_type == "uint16"
 
 
 def test_sparsity_and_to_dense():
@@ -164,7 +164,7 @@ def test_sparsity_and_to_dense():
     state = m.state_dict()
     quantize(m, "float16")
     m.to_dense()
-    assert {w.format for w in m._weights().values()} == {"dense"}
+    assert {w.format for w in m.weights().values()} == {"dense"}
     assert m.sparsity()["overall"] == pytest.approx(0.75)
     np.testing.assert_allclose(m.state_dict()["weight_hh_l0"],
                                state["weight_hh_l0"].toarray(), rtol=2**-11)

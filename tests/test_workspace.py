@@ -33,12 +33,12 @@ def test_model_reuses_its_workspace_across_calls():
     m = numlstm.LSTM(4, 8, num_layers=2, seed=0)
     x = np.zeros((20, 3, 4), np.float32)
     m(x)
-    block = m._infer_ws._block
+    block = m.engine.infer_ws._block
     m(x)
     m(x[:5, :2])  # smaller: same block
-    assert m._infer_ws._block is block
+    assert m.engine.infer_ws._block is block
     y, _ = m(x, training=True)
-    train_block = m._train_ws._block
+    train_block = m.engine.train_ws._block
     m.backward(np.zeros_like(y))
     m(x, training=True)
-    assert m._train_ws._block is train_block
+    assert m.engine.train_ws._block is train_block

@@ -3,14 +3,15 @@
 ``numlstm.kernels.cuda`` holds the LSTM kernels (twins of ``kernels.cpu``);
 this module holds what only the device side needs: the element-wise glue that
 NumPy does on the CPU (fills, adds, column slices, batch_first transposes,
-bias sums, a 1-D gather)
+bias sums, a 1-D gather, row scatters)
 and the optimizer updates (SGD, Adam/AdamW, gradient-norm clipping) with
 ``torch.optim``'s formulas, exactly as ``numlstm.optim`` writes them for NumPy.
 
 Conventions as in ``kernels.cpu``: outputs first, then inputs; every host
 function takes device arrays (C-contiguous unless said otherwise) and an
-optional ``stream=``; nothing here allocates, except ``zeros_like`` and the
-norm's one-element accumulator (made once per dtype).
+optional keyword-only ``stream=`` (as ``kernels.cuda``); nothing here
+allocates, except ``zeros_like`` and the norm's one-element accumulator (made
+once per dtype).
 
 Launch geometry: ``config.CUDA_THREADS_PER_BLOCK`` threads per block (tests
 patch it small: the simulator costs ~0.3 ms per thread); element-wise kernels
@@ -55,14 +56,14 @@ def _fill(out, value):
         out[k] = value
 
 
-def fill(out, value, stream=0):
+def fill(out, value, *, stream=0):
     """out[...] = value."""
     if out.size:
         flat = _flat(out)
         _on(_fill, flat.shape[0], stream)(flat, _scalar(out, value))
 
 
-def zeros_like(a, stream=0):
+def zeros_like(a, *, stream=0):
     """A new zeroed device array shaped like ``a`` (optimizer state)."""
     out = cuda.device_array(a.shape, a.dtype, stream=stream)
     fill(out, 0, stream=stream)
@@ -75,7 +76,7 @@ def _add(out, a):
         out[k] += a[k]
 
 
-def add(out, a, stream=0):
+def add(out, a, *, stream=0):
     """out += a (same shape)."""
     if out.size:
         flat = _flat(out)
@@ -88,7 +89,7 @@ def _mul(out, a):
         out[k] *= a[k]
 
 
-def mul(out, a, stream=0):
+def mul(out, a, *, stream=0):
     """out *= a (same shape): a dropout mask."""
     if out.size:
         flat = _flat(out)
@@ -101,7 +102,7 @@ def _scale(out, s):
         out[k] *= s
 
 
-def scale(out, s, stream=0):
+def scale(out, s, *, stream=0):
     """out *= s for a scalar s."""
     if out.size:
         flat = _flat(out)
@@ -118,7 +119,7 @@ def _put_cols(out, src, lengths, col0):
         out[t, b, col0 + j] = src[t, b, j] if t < lengths[b] else 0
 
 
-def put_cols(out, src, lengths, col0, stream=0):
+def put_cols(out, src, lengths, col0, *, stream=0):
     """out (T, B, F)[:, :, col0:col0+O] = src (T, B, O), zero at the padding
     steps t >= lengths[b]: one direction's output into a layer's output."""
     if src.size:
@@ -135,7 +136,7 @@ def _take_cols(out, src, col0):
         out[t, b, j] = src[t, b, col0 + j]
 
 
-def take_cols(out, src, col0, stream=0):
+def take_cols(out, src, col0, *, stream=0):
     """out (T, B, O) = src (T, B, F)[:, :, col0:col0+O]."""
     if out.size:
         _on(_take_cols, out.size, stream)(out, src, col0)
@@ -151,10 +152,43 @@ def _swap01(out, a):
         out[b, t, f] = a[t, b, f]
 
 
-def swap01(out, a, stream=0):
+def swap01(out, a, *, stream=0):
     """out (B, T, F) = a (T, B, F) with the first two axes swapped (batch_first)."""
     if a.size:
         _on(_swap01, a.size, stream)(out, a)
+
+
+@cuda.jit
+def _scatter_cols(out, src, index, col0):
+    n, O = src.shape
+    for k in range(cuda.grid(1), n * O, cuda.gridsize(1)):
+        r = k // O
+        j = k % O
+        out[index[r], col0 + j] = src[r, j]
+
+
+def scatter_cols(out, src, index, col0, *, stream=0):
+    """out (N, F)[index[r], col0:col0+O] = src (n, O)[r]: a checkpoint segment
+    of the reverse direction back to its own time steps (distinct indices)."""
+    if src.size:
+        _on(_scatter_cols, src.size, stream)(out, src, index, col0)
+
+
+@cuda.jit
+def _add_rows_at(out, src, index):
+    n, F = src.shape
+    for k in range(cuda.grid(1), n * F, cuda.gridsize(1)):
+        r = k // F
+        j = k % F
+        out[index[r], j] += src[r, j]
+
+
+def add_rows_at(out, src, index, *, stream=0):
+    """out (N, F)[index[r]] += src (n, F)[r] for distinct indices (one thread
+    per element, so no two threads write one value): the reverse direction's
+    dx back into time order."""
+    if src.size:
+        _on(_add_rows_at, src.size, stream)(out, src, index)
 
 
 @cuda.jit
@@ -163,7 +197,7 @@ def _gather1d(out, src, perm):
         out[k] = src[perm[k]]
 
 
-def gather1d(out, src, perm, stream=0):
+def gather1d(out, src, perm, *, stream=0):
     """out[k] = src[perm[k]]: refreshes a CSR weight's transposed values."""
     if out.size:
         _on(_gather1d, out.shape[0], stream)(out, src, perm)
@@ -180,7 +214,7 @@ def _bias_grad_acc(g_ih, g_hh, dz, zero):
         g_hh[q] += acc
 
 
-def bias_grad_acc(g_ih, g_hh, dz, stream=0):
+def bias_grad_acc(g_ih, g_hh, dz, *, stream=0):
     """g_ih, g_hh (G,) += the column sums of dz (N, G); one thread per column,
     so no two threads write one value."""
     if dz.shape[0] and dz.shape[1]:
@@ -205,7 +239,7 @@ def _sgd(p, g, buf, lr, wd, mu, nesterov, first):
         p[k] -= lr * d
 
 
-def sgd_step(p, g, buf, lr, weight_decay, momentum, nesterov, first, stream=0):
+def sgd_step(p, g, buf, lr, weight_decay, momentum, nesterov, first, *, stream=0):
     """``optim.SGD``'s update of one parameter; ``buf`` is its momentum buffer
     (any array of p's shape when momentum is 0); ``first`` at step 1."""
     if not p.size:
@@ -236,7 +270,7 @@ def _adam(p, g, m, v, lr_t, b1, one_b1, b2, one_b2, eps, bc2, wd, decay):
         p[k] = pk - lr_t * mk / denom
 
 
-def adam_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, t, stream=0):
+def adam_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, t, *, stream=0):
     """``optim.Adam`` / ``AdamW``'s update of one parameter at step t (from 1)."""
     if not p.size:
         return
@@ -261,7 +295,7 @@ def _sumsq(out, a):
 _ACC = {}  # stream -> (1,) float64 accumulator, made once
 
 
-def sumsq(a, stream=0):
+def sumsq(a, *, stream=0):
     """sum(a * a) as a Python float (accumulated in float64; synchronises)."""
     if not a.size:
         return 0.0
