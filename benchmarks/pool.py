@@ -19,6 +19,9 @@ Cases (float32, inputs standard normal; each group in a fresh worker process,
   H=256 model and all stepped once, in a fresh process: the rise of resident
   memory (VmRSS) against ``numlstm.pool.pool_memory``'s prediction (states +
   workspace + index; the model's weights are made before the first reading).
+* service: ``examples/service_load.py`` against ``examples/service.py`` in
+  its three modes (pool, streams, noop), I=8, H=512 (``--quick``: 64), two
+  layers, 1, 8, 32 and 128 clients (``--quick``: 1, 4).
 * threads: 64 threads (``--quick``: 8), each with one session, each making
   T single steps (200; ``--quick``: 20): through one ``numlstm.serve.Batcher``
   on a pool (each thread waits for its step's result before sending the
@@ -57,12 +60,15 @@ SEED = 0
 BIG = {"I": 64, "H": 256, "L": 2}
 SMALL = {"I": 8, "H": 64, "L": 2}
 FULL = {"sessions": 1000, "memory_sessions": 10_000, "threads": 64, "thread_steps": 200,
-        "repeats": 7, "stream_repeats": 3}
+        "repeats": 7, "stream_repeats": 3, "service_hidden": 512,
+        "service_clients": [1, 8, 32, 128], "service_steps": 100}
 QUICK = {"sessions": 100, "memory_sessions": 500, "threads": 8, "thread_steps": 20,
-         "repeats": 3, "stream_repeats": 2}
+         "repeats": 3, "stream_repeats": 2, "service_hidden": 64, "service_clients": [1, 4],
+         "service_steps": 10}
+WORKERS = ("speed", "memory", "service")
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 TARGETS = {"gemm_pct": 70.0, "dense_x": 2.5, "csr_x": 3.0, "small_x": 3.0, "memory_pct": 10.0,
-           "threads_x": 3.0}
+           "threads_x": 3.0, "service_noop_pct": 80.0}
 
 
 def _model(spec, kind):
@@ -241,13 +247,36 @@ def _memory(spec, S):
             "error_pct": 100 * (rise - predicted["total"]) / predicted["total"]}
 
 
+def _service(cfg):
+    """examples/service_load.py against examples/service.py in each mode (pool,
+    streams, noop), each server in its own process: requests/s and latency
+    percentiles per number of clients, outputs checked against each client's
+    own sequence streamed alone (pool and streams)."""
+    import contextlib
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    import service_load
+
+    with contextlib.redirect_stdout(sys.stderr):  # its tables; our JSON is the last line
+        res = service_load.main(["--hidden", str(cfg["service_hidden"]), "--steps",
+                                 str(cfg["service_steps"]), "--clients",
+                                 *map(str, cfg["service_clients"])])
+    keys = ("clients", "requests", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+    return {"hidden": cfg["service_hidden"], "ok": res["ok"],
+            "runs": [{"mode": r["mode"], "errors": len(r["errors"]),
+                      **{k: r[k] for k in keys}} for r in res["load"]]}
+
+
 def worker_main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=("speed", "memory"), required=True)
+    p.add_argument("--worker", choices=WORKERS, required=True)
     p.add_argument("--config", required=True, help="the run's config, as JSON")
     args = p.parse_args(argv)
     cfg = json.loads(args.config)
-    if args.worker == "memory":
+    if args.worker == "service":
+        res = _service(cfg)
+    elif args.worker == "memory":
         res = _memory(BIG, cfg["memory_sessions"])
     else:
         S = cfg["sessions"]
@@ -279,7 +308,7 @@ def run(quick=False, out_dir=None, log=print):
               "machine": machine_info()}
     env = {k: os.environ.get(k, "1") for k in BLAS_ENV}
     result["config"]["worker_env"] = env
-    for worker in ("speed", "memory"):
+    for worker in WORKERS:
         log(f"pool {worker}: running ...")
         result[worker] = run_worker("benchmarks.pool",
                                     ["--worker", worker, "--config", json.dumps(cfg)],
@@ -301,7 +330,20 @@ def _verdicts(result):
             abs(result["memory"]["error_pct"]) <= T["memory_pct"],
         "64 threads: Batcher >= 3x own streams (I=64, H=256)":
             t["big"]["speedup"] >= T["threads_x"],
+        **_service_verdicts(result["service"]),
     }
+
+
+def _service_verdicts(svc):
+    rps = {(r["mode"], r["clients"]): r["throughput_rps"] for r in svc["runs"]}
+    out = {}
+    for c in (32, 128):
+        if all((m, c) in rps for m in ("pool", "streams", "noop")):
+            out[f"service, H={svc['hidden']}, {c} clients: pool >= 80% of noop"] = \
+                rps["pool", c] >= TARGETS["service_noop_pct"] / 100 * rps["noop", c]
+            out[f"service, H={svc['hidden']}, {c} clients: pool above streams"] = \
+                rps["pool", c] > rps["streams", c]
+    return out
 
 
 def markdown(result):
@@ -348,6 +390,20 @@ def markdown(result):
         lines.append(f"| {label} | {e['streams']['steps_per_s']:,.0f} | "
                      f"{e['batcher']['steps_per_s']:,.0f} | {e['batcher']['mean_batch']:.1f} | "
                      f"{e['speedup']:.1f}x |")
+    svc = result["service"]
+    lines += ["", f"## The service: examples/service.py, I=8, H={svc['hidden']}, 2 layers, "
+              f"{c['service_steps']} single-step requests per client, keep-alive", "",
+              "Each mode's server in its own process, the load generator in another, all on "
+              "this machine's cores. pool: sessions in one StreamPool, steps through a "
+              "Batcher; streams: one Stream per session; noop: the same server with no "
+              "model (the HTTP layer's own limit).", "",
+              "| mode | clients | req/s | p50 ms | p99 ms | errors |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for run in svc["runs"]:
+        lines.append(f"| {run['mode']} | {run['clients']} | {run['throughput_rps']:.0f} | "
+                     f"{run['p50_ms']:.2f} | {run['p99_ms']:.2f} | {run['errors']} |")
+    lines += ["", "Every client's outputs equal its own sequence streamed alone (to 1e-6): "
+              + ("yes" if svc["ok"] else "**no** (see the JSON)") + "."]
     lines += ["", "## The issue's targets", "", "| target | verdict |", "|---|---|"]
     lines += [f"| {k} | {yes[v]} |" for k, v in result["verdicts"].items()]
     env = ", ".join(f"{k}={v}" for k, v in c.get("worker_env", {}).items())
