@@ -114,7 +114,7 @@ class StreamPool:
     """
 
     def __init__(self, model, capacity, *, chunk=CHUNK):
-        if getattr(model, "_device", None) is not None:
+        if model.device != "cpu":
             raise TypeError("a StreamPool runs on the CPU, but the model is on the GPU "
                             '(model.to("cuda")); call model.to("cpu") first, or step each '
                             "session with its own model.stream() on the device")
@@ -160,6 +160,9 @@ class StreamPool:
         from numlstm import config
 
         m = self.model
+        if m.device != "cpu":  # moved after the pool was made: its states stay on the host
+            raise TypeError("the model was moved to the GPU after this StreamPool was made; "
+                            'a pool runs on the CPU: call model.to("cpu") to step it again')
         sets = []
         for B in (1, config.STEP_MAX_B):
             sets.append(tuple((self._gates[l], self._r[l]) + m._step_args("ih", l, 0, B)

@@ -314,7 +314,7 @@ def test_bidirectional_and_device_models_are_refused():
         StreamPool(numlstm.LSTM(I, H, bidirectional=True), 2)
 
     class OnDevice(numlstm.LSTM):
-        _device = object()  # what model.to("cuda") sets
+        device = "cuda"  # what model.to("cuda") reports
 
     with pytest.raises(TypeError, match="runs on the CPU, but the model is on the GPU"):
         StreamPool(OnDevice(I, H), 2)
