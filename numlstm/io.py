@@ -92,7 +92,7 @@ def save(model, path):
     target = _destination(path)
     model.engine.pull()  # a model on the GPU: save its current values
     arrays, params = {}, {}
-    for name, p in model._params.items():
+    for name, p in model.host_params.params.items():
         if not name.startswith("weight"):
             arrays[name] = p
             params[name] = {"dtype": p.dtype.name}
@@ -316,7 +316,7 @@ def _read(archive, src):
     _check_names(set(by_key) - {"header"}, members, src)
     arrays = {key: _read_member(archive, by_key[key], src, *members[key])
               for key in members}
-    model._install(_check_params(model, header["params"], arrays, src))
+    model.install_params(_check_params(model, header["params"], arrays, src))
     return model
 
 
@@ -447,14 +447,14 @@ def _plan(header, src):
         raise ModelFileError(f"{src}: header config num_layers={layers} does not match "
                              f"its {len(header['params'])} parameters")
     try:
-        model = LSTM._without_params(**config)
+        model = LSTM.without_params(**config)
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{src}: header config is invalid: {e}") from None
     except MemoryError as e:  # a forged header: sizes too large to allocate
         raise ModelFileError(f"{src}: header config asks for a model too large for "
                              f"memory: {e}") from None
     specs = header["params"]
-    expected = model._param_shapes()
+    expected = model.param_shapes()
     if set(specs) != set(expected):
         raise ModelFileError(f"{src}: parameters do not match the config: missing "
                              f"{sorted(set(expected) - set(specs))}, unexpected "
@@ -503,7 +503,7 @@ def _check_params(model, specs, arrays, src):
     """Every parameter built from ``arrays`` (no copies) after the checks every
     kernel relies on: shapes, finiteness, the CSR / BSR pattern."""
     params = {}
-    for name, shape in model._param_shapes().items():
+    for name, shape in model.param_shapes().items():
         where = f"{src}: {name}"
         spec = specs[name]
         if name.startswith("bias"):

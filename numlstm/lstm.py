@@ -74,7 +74,7 @@ class LSTM:
                         proj_size=proj_size, dtype=dtype, seed=seed)
         k = 1.0 / np.sqrt(self.hidden_size)
         params = {}
-        for name, shape in self._param_shapes().items():
+        for name, shape in self.param_shapes().items():
             params[name] = self._rng.uniform(-k, k, shape).astype(self.dtype)
         self._set_params(params)
 
@@ -94,10 +94,10 @@ class LSTM:
         self.layouts_stale = True
 
     @classmethod
-    def _without_params(cls, **config):
-        """A validated configuration with no parameters yet (``_install`` them):
-        what ``numlstm.load`` builds, so that a file's header cannot make it
-        allocate a random initialisation of whatever size it declares."""
+    def without_params(cls, **config):
+        """A validated configuration with no parameters yet (``install_params``
+        them): what ``numlstm.load`` builds, so that a file's header cannot make
+        it allocate a random initialisation of whatever size it declares."""
         model = cls.__new__(cls)
         model._configure(**config)
         return model
@@ -184,7 +184,8 @@ class LSTM:
     # Parameters
     # ------------------------------------------------------------------
 
-    def _param_shapes(self):
+    def param_shapes(self):
+        """name -> shape of every parameter, PyTorch's names and shapes."""
         H, O, D, P = self.hidden_size, self.output_size, self.num_directions, self.proj_size
         shapes = {}
         for layer in range(self.num_layers):
@@ -204,7 +205,7 @@ class LSTM:
         """Validate every value, then install them all with fresh zero gradients
         (a bad value leaves the model as it was)."""
         params = {}  # name -> a weights.Dense / CSR / BSR, or a bias array
-        for name, shape in self._param_shapes().items():
+        for name, shape in self.param_shapes().items():
             if name.startswith("bias"):
                 arr = weights_mod.check_float_array(values[name], name, shape, self.dtype)
                 if not np.all(np.isfinite(arr)):
@@ -212,12 +213,15 @@ class LSTM:
                 params[name] = arr.copy()
             else:
                 params[name] = weights_mod.from_value(values[name], name, shape, self.dtype)
-        self._install(params)
+        self.install_params(params)
 
-    def _install(self, params):
-        """Make ``params`` (every name, already validated) the model's parameters,
-        with fresh zero gradients; streams rebind, the tape is dropped, and a
-        device engine uploads them at its next call."""
+    def install_params(self, params):
+        """Make ``params`` (name -> ``weights.Dense`` / ``CSR`` / ``BSR`` or a (G,)
+        bias array; every name of ``param_shapes()``, already validated) the
+        model's parameters, with fresh zero gradients; streams rebind, the tape
+        is dropped, and a device engine uploads them at its next call. What
+        pruning, quantizing and ``numlstm.load`` use; users call
+        ``load_state_dict``, which validates."""
         self._params = params
         self._grad_buffers = {
             name: (p.new_grad() if name.startswith("weight") else np.zeros_like(p))
@@ -255,7 +259,7 @@ class LSTM:
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        expected = set(self._param_shapes())
+        expected = set(self.param_shapes())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise KeyError(f"state keys do not match the model: missing {sorted(missing)}, "
@@ -280,6 +284,11 @@ class LSTM:
         """Set every gradient to zero, in place."""
         self.engine.current().zero_grad()
 
+    @property
+    def rng(self):
+        """The generator of the initialisation and the dropout masks."""
+        return self._rng
+
     def weight_bytes(self):
         """Bytes of parameter storage used for inference (biases included), with
         the per-step execution layouts built so far (``numlstm.layouts``)."""
@@ -292,8 +301,6 @@ class LSTM:
         ``sparsity`` and ``save`` read)."""
         self.engine.pull()
         return dict(self.host_params.weights)
-
-    _weights = weights  # the name tests and older callers use
 
     def sparsity(self):
         """Fraction of zero weights, per weight matrix and ``"overall"``.
@@ -325,7 +332,7 @@ class LSTM:
         params = dict(self._params)
         for name, w in self.weights().items():
             params[name] = weights_mod.Dense(np.ascontiguousarray(w.to_array(), dtype=self.dtype))
-        self._install(params)
+        self.install_params(params)
         return self
 
     # ------------------------------------------------------------------
@@ -494,8 +501,6 @@ class LSTM:
         the plan ``forward`` carves (``numlstm.plans.memory_plan``): a dict with
         ``activations``, ``workspace``, ``transposed``, ``outputs``, ``segment``."""
         return self.engine.memory_plan(T, B, training=training, checkpoint=checkpoint)
-
-    _memory_plan = memory_plan  # the name tests use
 
     def release_workspaces(self):
         """Drop any recorded tape and the workspaces' memory; the next call

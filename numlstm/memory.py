@@ -200,7 +200,7 @@ def _measure(model, T, B, training, checkpoint):
     x = rng.standard_normal(shape + (I,)).astype(model.dtype)
     dy = rng.standard_normal(shape + (DO,)).astype(model.dtype) if training else None
     saved = {k: g.copy() for k, g in model.grad_arrays().items()} if training else {}
-    rng_state = model._rng.bit_generator.state
+    rng_state = model.rng.bit_generator.state
     kwargs = {"training": True, "checkpoint": checkpoint} if training else {}
     try:  # once unmeasured: compiles what the case needs
         model(x, **kwargs)
@@ -240,4 +240,4 @@ def _restore(model, saved_grads, rng_state):
     grads = model.grad_arrays()
     for k, g in saved_grads.items():
         grads[k][...] = g
-    model._rng.bit_generator.state = rng_state
+    model.rng.bit_generator.state = rng_state

@@ -344,10 +344,10 @@ def _to_bsr(grid, keep, block, dtype):
 
 
 def _install(model, built):
-    params = dict(model._params)
+    params = dict(model.host_params.params)
     positions = {}
     for name, (weight, pos) in built.items():
         params[name] = weight
         positions[name] = pos
-    model._install(params)
+    model.install_params(params)
     return positions

@@ -62,11 +62,11 @@ def quantize(model, values="int8", indices="auto", *, skip_dense=False):
         raise ValueError(f"quantize works on CSR weights; {', '.join(other)} "
                          "are dense or block-sparse: prune them to CSR first "
                          "(numlstm.prune.magnitude) or pass skip_dense=True")
-    params = dict(model._params)
+    params = dict(model.host_params.params)
     for name, w in weights.items():
         if w.format == "csr":
             params[name] = quantize_weight(w, values, indices, name=name)
-    model._install(params)
+    model.install_params(params)
     return model
 
 

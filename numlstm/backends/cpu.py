@@ -203,8 +203,9 @@ def bias_grad_acc(g_ih, g_hh, dz, v):
 
 
 def seq_forward(args):
-    # Arguments go as one prebuilt tuple: numba 0.68 leaks ~30 bytes per
-    # array when positional and *-unpacked arguments are mixed in a call.
+    # Arguments go as one prebuilt tuple: numba 0.68 leaks a few bytes per
+    # call when positional and *-unpacked arguments are mixed in one call
+    # (docs/design.md, Kernels: "Calls from Python pass one prebuilt tuple").
     cpu_kernels.lstm_seq_forward(*args)
 
 

@@ -273,12 +273,6 @@ class IndexWorkspace(Workspace):
         super().__init__(np.int64)
 
 
-def index_spec(T, B, D, nseg):
-    """The index arrays of a call: lengths (B,), reverse index (T*B,) when
-    D = 2, segment lengths (nseg, B) when checkpointed."""
-    return [("lengths", (B,)), ("rev", (T * B if D == 2 else 0,)), ("seglens", (nseg, B))]
-
-
 def indices(iws, lengths, rev_index, seglens):
     """Upload the per-call index arrays into ``iws``; returns them on the device."""
     nseg = 0 if seglens is None else seglens.shape[0]
