@@ -30,7 +30,7 @@ import os
 import numpy as np
 
 from numlstm import config
-from numlstm.kernels import sell as K_
+from numlstm.kernels import sell as sell_kernels
 from numlstm.kernels.vector_ir import SELL_LANES, WINDOW, WINDOW_PAD
 
 KINDS = ("windows", "sell", "dense", "csr")
@@ -173,23 +173,23 @@ class Sell:
         self.data = np.zeros((S, C), values.dtype)
         self.indices = np.zeros((S, C), np.uint16 if K <= 65536 else np.int32)
         self._indptr = indptr
-        K_.sell_copy(self.indices, indices, indptr, self.slices, True)
+        sell_kernels.sell_copy(self.indices, indices, indptr, self.slices, True)
         self.refresh(values)
 
     def refresh(self, values):
         """Copy the weight's current values (nnz,) into the layout."""
-        K_.sell_copy(_bits(self.data), _bits(values), self._indptr, self.slices, True)
+        sell_kernels.sell_copy(_bits(self.data), _bits(values), self._indptr, self.slices, True)
 
     def csr_values(self):
         """The values in CSR order (nnz,): a new array."""
         out = np.empty(int(self._indptr[-1]), self.data.dtype)
-        K_.sell_copy(_bits(self.data), _bits(out), self._indptr, self.slices, False)
+        sell_kernels.sell_copy(_bits(self.data), _bits(out), self._indptr, self.slices, False)
         return out
 
     def csr_indices(self, dtype):
         """The column indices in CSR order (nnz,) as ``dtype``: a new array."""
         out = np.empty(int(self._indptr[-1]), self.indices.dtype)
-        K_.sell_copy(self.indices, out, self._indptr, self.slices, False)
+        sell_kernels.sell_copy(self.indices, out, self._indptr, self.slices, False)
         return out.astype(dtype, copy=False)
 
     @property
@@ -267,20 +267,20 @@ class SellWindows:
 
     def refresh(self, values):
         """Copy the weight's current values (nnz,) into the layout."""
-        K_.window_copy(_bits(self.data), _bits(values), self._indptr, self.indices,
+        sell_kernels.window_copy(_bits(self.data), _bits(values), self._indptr, self.indices,
                        self.table, WINDOW_PAD, True)
 
     def csr_values(self):
         """The values in CSR order (nnz,): a new array."""
         out = np.empty(int(self._indptr[-1]), self.data.dtype)
-        K_.window_copy(_bits(self.data), _bits(out), self._indptr, self.indices, self.table,
+        sell_kernels.window_copy(_bits(self.data), _bits(out), self._indptr, self.indices, self.table,
                        WINDOW_PAD, False)
         return out
 
     def csr_indices(self, dtype):
         """The column indices in CSR order (nnz,) as ``dtype``: a new array."""
         out = np.empty(int(self._indptr[-1]), np.int64)
-        K_.window_columns(out, self._indptr, self.indices, self.table, WINDOW, WINDOW_PAD)
+        sell_kernels.window_columns(out, self._indptr, self.indices, self.table, WINDOW, WINDOW_PAD)
         return out.astype(dtype)
 
     @property
