@@ -268,13 +268,13 @@ class SellWindows:
     def refresh(self, values):
         """Copy the weight's current values (nnz,) into the layout."""
         sell_kernels.window_copy(_bits(self.data), _bits(values), self._indptr, self.indices,
-                       self.table, WINDOW_PAD, True)
+                                 self.table, WINDOW_PAD, True)
 
     def csr_values(self):
         """The values in CSR order (nnz,): a new array."""
         out = np.empty(int(self._indptr[-1]), self.data.dtype)
-        sell_kernels.window_copy(_bits(self.data), _bits(out), self._indptr, self.indices, self.table,
-                       WINDOW_PAD, False)
+        sell_kernels.window_copy(_bits(self.data), _bits(out), self._indptr, self.indices,
+                                 self.table, WINDOW_PAD, False)
         return out
 
     def csr_indices(self, dtype):
