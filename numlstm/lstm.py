@@ -175,7 +175,11 @@ class LSTM:
         self.engine.pull()
         engine = Engine(self, backend, self._rng)
         self.version += 1  # streams rebind (or refuse: their buffers stay where they were)
-        engine.current()  # upload now: a quantized weight is refused here
+        try:
+            engine.current()  # upload now: a quantized weight is refused here
+        except Exception:
+            self.version -= 1  # nothing moved: the model stays as it was
+            raise
         self.engine = engine
         self.layouts_stale = True  # host values may have changed on the device
         return self
