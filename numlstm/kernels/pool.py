@@ -26,7 +26,8 @@ int64; live (S,) uint8, 1 for an open slot; mark (S,) int64 and tick (1,)
 int64, the duplicate check (a slot seen in this call carries this call's
 tick, so nothing needs clearing between calls). Each layer tuple is
 ``(gates_flat (3*R*G,), r (R, H) or (0, H), w_ih..., b_ih, b_hh, w_hh...,
-w_hr...)``: ``lstm_step``'s arguments less h, c and x, which are views of the
+w_hr...[, more])``: ``lstm_step``'s arguments less h, c and x (anything after
+the weights is passed on as bound), which are views of the
 work rows made per chunk (slicing the first axis of a C array keeps it C
 contiguous, and a flat buffer's prefix reshapes to (3, m, G) without a copy:
 neither allocates).
@@ -122,10 +123,9 @@ def _run_layers(layers, wh, wc, xw, m):
     for layer in literal_unroll(layers):
         gates = layer[0][:3 * m * G].reshape((3, m, G))
         layer_in = xw[:m] if l == 0 else wh[l - 1, :m]
-        lstm_step(wh[l, :m], wc[l, :m], gates, layer[1][:m], layer_in,
-                  layer[2], layer[3], layer[4], layer[5], layer[6], layer[7],
-                  layer[8], layer[9], layer[10], layer[11],
-                  layer[12], layer[13], layer[14], layer[15])
+        # The rest of the tuple as bound (weights, biases, and whatever else
+        # lstm_step takes after them), so that it follows lstm_step's signature.
+        lstm_step(wh[l, :m], wc[l, :m], gates, layer[1][:m], layer_in, *layer[2:])
         l += 1
 
 
