@@ -5,7 +5,7 @@ so and writes nothing without one; it is not part of ``python -m benchmarks``,
 which runs on any machine). Case of the GPU issue: float32, I = 256,
 H = 1024, T = 1000, batch 1 and 4; numlstm dense and 90% magnitude-pruned CSR,
 with the host-looped recurrence and the one-launch persistent kernel
-(``numlstm.device.PERSISTENT_FORWARD``); torch.nn.LSTM on the dense weights
+(``numlstm.backends.cuda.PERSISTENT_FORWARD``); torch.nn.LSTM on the dense weights
 (and on the pruned weights as dense matrices, for the agreement check).
 Figures: µs per time step of a whole-sequence forward, median of the repeats
 after warm-up, timed with ``cuda.synchronize()`` around each call; every
@@ -47,7 +47,7 @@ def run(quick=False, out_dir=None, log=print):
     from numba import cuda
 
     import numlstm
-    import numlstm.device
+    import numlstm.backends.cuda
     from numlstm import prune
 
     if not cuda.is_available() or numba_simulated():
@@ -82,7 +82,7 @@ def run(quick=False, out_dir=None, log=print):
             model.to("cuda")
             xd = cuda.to_device(x)
             for persistent in (False, True):
-                numlstm.device.PERSISTENT_FORWARD = persistent
+                numlstm.backends.cuda.PERSISTENT_FORWARD = persistent
                 times = _timed(model.forward, xd, cuda.synchronize, cfg["repeats"],
                                cfg["warmup"])
                 us = stats(times)["median"] * 1e6 / T
@@ -92,7 +92,7 @@ def run(quick=False, out_dir=None, log=print):
                              "target": TARGETS[kind],
                              "max_abs_diff": float(np.abs(got - want).max())})
                 log(rows[-1])
-            numlstm.device.PERSISTENT_FORWARD = False
+            numlstm.backends.cuda.PERSISTENT_FORWARD = False
     gpu = cuda.get_current_device().name
     result = {"name": NAME, "quick": quick, "config": dict(cfg), "rows": rows,
               "machine": machine_info() | {"gpu": gpu.decode() if isinstance(gpu, bytes)
