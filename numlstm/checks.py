@@ -197,9 +197,10 @@ def check_memory_budget(memory_budget, checkpoint, training):
 
 def check_stream_args(model, batch_size):
     """The batch size a stream of ``model`` gets, as an int; ValueError for a
-    bidirectional model or a batch size that is not a positive int."""
-    if model.bidirectional:
-        raise ValueError("a bidirectional model cannot stream: its reverse direction "
+    bidirectional or reverse model or a batch size that is not a positive int."""
+    if model.bidirectional or model.reverse:
+        what = "bidirectional" if model.bidirectional else "reverse"
+        raise ValueError(f"a {what} model cannot stream: its reverse direction "
                          "needs the whole sequence; use forward() instead")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:

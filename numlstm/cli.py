@@ -184,6 +184,8 @@ def _info(args):
 
     model = numlstm.load(args.model)
     print(repr(model))
+    print(f"cell: {model.cell.describe()}" + ("; every layer runs backwards in time (reverse)"
+                                              if model.reverse else ""))
     sparsity = model.sparsity()
     print(f"\n{'weight':<24}{'shape':>12}  {'storage':<26}{'sparsity':>9}{'bytes':>12}")
     for name, w in model.weights().items():

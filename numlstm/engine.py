@@ -105,6 +105,11 @@ class Engine:
         """The backend's name: "cpu" or "cuda"."""
         return self.be.NAME
 
+    def reversed(self, d):
+        """Whether direction d runs backwards in time: the second direction of a
+        bidirectional layer, or the only one of a ``reverse`` model."""
+        return d == 1 or self.model.reverse
+
     def current(self):
         """The parameters as this backend's kernels read them, (re)loaded from
         the host when the model's version changed since (the tape goes too)."""
@@ -180,7 +185,7 @@ class Engine:
             self.tape = None  # the tape being overwritten is no longer valid
         v = ws.carve(self.plan(T, B, training, seg, batch_first=bf, x_copy=xin.copy)[0])
         D, L, O = m.num_directions, m.num_layers, m.output_size
-        rev = reverse_index(T, B, lengths) if D == 2 else None
+        rev = reverse_index(T, B, lengths) if D == 2 or m.reverse else None
         seglens = segment_lengths(lengths, T, seg) if seg is not None else None
         lengths, rev, seglens = be.indices(self.train_iws if training else self.infer_iws,
                                            lengths, rev, seglens)
@@ -207,7 +212,7 @@ class Engine:
                 be.copy(c_n[i], cs[T])
                 # This direction's output, in time order, zero past each length.
                 odir = hs[1:]
-                if d:
+                if self.reversed(d):
                     be.gather_rows(v["odir"].reshape(T * B, O), odir.reshape(T * B, O), rev)
                     odir = v["odir"]
                 be.put_cols(out, odir, lengths, d * O)
@@ -245,14 +250,15 @@ class Engine:
         be, params = self.be, self.params
         T, B, width = layer_in.shape
         x2d = layer_in.reshape(T * B, width)
-        if d:
+        if self.reversed(d):
             xr = first(v["xrev"], T * B * width).reshape(T * B, width)
             be.gather_rows(xr, x2d, rev_index)
             x2d = xr
         gates = v[f"gates{tag}"]
         be.matmul_batch(gates.reshape(T * B, gates.shape[2]), x2d, params.weight("ih", l, d))
         be.seq_forward((v[f"hs{tag}"], v[f"cs{tag}"], gates, v[f"rs{tag}"], v["scratch"],
-                        lengths) + params.biases(l, d) + params.recurrent_args(l, d, B))
+                        lengths) + params.biases(l, d) + params.recurrent_args(l, d, B),
+                       params.cell_args(l, d))
 
     def _layer_forward_segments(self, v, l, d, layer_in, out, h0, c0, h_n, c_n, seglens,
                                 rev_index, k):
@@ -276,11 +282,11 @@ class Engine:
             be.copy(hb[s], hs[0])
             be.copy(cb[s], cs[0])
             self._segment_forward(v, l, d, layer_in, t0, n, seglens[s], rev_index)
-            if d:  # rows of the reversed sequence go back to their own time steps
+            if self.reversed(d):  # rows of the reversed sequence go back to their own time steps
                 oseg = v["odir"][:n]
                 be.put_cols(oseg, hs[1:n + 1], seglens[s], 0)
                 be.scatter_cols(out2d, oseg.reshape(n * B, O),
-                                rev_index[t0 * B:(t0 + n) * B], O)
+                                rev_index[t0 * B:(t0 + n) * B], d * O)
             else:
                 be.put_cols(out[t0:t0 + n], hs[1:n + 1], seglens[s], 0)
             be.copy(hs[0], hs[n])
@@ -298,7 +304,7 @@ class Engine:
         be, params = self.be, self.params
         T, B, width = layer_in.shape
         rows = n * B
-        if d:
+        if self.reversed(d):
             xs = first(v["xrev"], rows * width).reshape(rows, width)
             be.gather_rows(xs, layer_in.reshape(T * B, width),
                            rev_index[t0 * B:t0 * B + rows])
@@ -307,7 +313,8 @@ class Engine:
         gates = v["gates"][:n]
         be.matmul_batch(gates.reshape(rows, gates.shape[2]), xs, params.weight("ih", l, d))
         be.seq_forward((v["hs"][:n + 1], v["cs"][:n + 1], gates, v["rs"][:n], v["scratch"],
-                        lens) + params.biases(l, d) + params.recurrent_args(l, d, B))
+                        lens) + params.biases(l, d) + params.recurrent_args(l, d, B),
+                       params.cell_args(l, d))
         return xs
 
     # ------------------------------------------------------------------
@@ -340,6 +347,8 @@ class Engine:
             dcur = be.ready(dcur)  # batch_first: segments read rows of dy
         for l in range(L - 1, -1, -1):
             dx_l = dxtop if l == 0 else v["dxa" if l % 2 else "dxb"]  # (T, B, D*O) above 0
+            if m.reverse:  # its dx is added in, row by row: nothing wrote it first
+                be.fill(dx_l, 0)
             for d in range(D):
                 i = l * D + d
                 be.copy(v["dh"], dh_n[i])
@@ -364,9 +373,12 @@ class Engine:
         T, B = dcur.shape[:2]
         O = self.model.output_size
         dyd = v["dyd"]
-        if self.model.num_directions == 1:
+        if self.model.num_directions == 1 and not self.model.reverse:
             return be.ready(dcur, dyd)
-        if d:
+        if self.model.num_directions == 1:  # a reverse layer: dy in its own time order
+            be.gather_rows(dyd.reshape(T * B, O), be.ready(dcur, v["dytmp"]).reshape(T * B, O),
+                           rev_index)
+        elif d:
             be.take_cols(v["dytmp"], dcur, O)
             be.gather_rows(dyd.reshape(T * B, O), v["dytmp"].reshape(T * B, O), rev_index)
         else:
@@ -376,13 +388,16 @@ class Engine:
     def _segment_dy(self, v, dcur, d, t0, n, rev_index):
         """Checkpointed: direction d's dy over steps [t0, t0+n) of its own time
         order, (n, B, O) contiguous; dcur (T, B, D*O) is contiguous."""
-        if self.model.num_directions == 1:
+        if self.model.num_directions == 1 and not self.model.reverse:
             return dcur[t0:t0 + n]
         be = self.be
         T, B = dcur.shape[:2]
         O = self.model.output_size
         dys = v["dyd"][:n]
-        if d:  # whole rows first: gathering from a strided view would copy all of it
+        if self.model.num_directions == 1:  # a reverse layer: rows in its own time order
+            be.gather_rows(dys.reshape(n * B, O), dcur.reshape(T * B, O),
+                           rev_index[t0 * B:(t0 + n) * B])
+        elif d:  # whole rows first: gathering from a strided view would copy all of it
             rows = first(v["dytmp"], n * B * 2 * O).reshape(n * B, 2 * O)
             be.gather_rows(rows, dcur.reshape(T * B, 2 * O), rev_index[t0 * B:(t0 + n) * B])
             be.take_cols(dys, rows.reshape(n, B, 2 * O), O)
@@ -401,10 +416,10 @@ class Engine:
         be.seq_backward((v["dh"], v["dc"], gates, v["dhs"], v["scratch_o"], v["scratch_h"],
                          dyd, hs, v[f"cs{tag}"], rs, tape.lengths)
                         + params.weight("hh", l, d).kernel_args_t()
-                        + params.proj_args(l, d, transposed=True))
+                        + params.proj_args(l, d, transposed=True), params.cell_args(l, d))
         width = dx_l.shape[2]
         x2d = (v["x0"] if l == 0 else v[f"x{l}"]).reshape(N, width)
-        if d:  # the reverse direction ran on its input reversed per sequence
+        if self.reversed(d):  # the reverse direction ran on its input reversed per sequence
             xr = first(v["xrev"], N * width).reshape(N, width)
             be.gather_rows(xr, x2d, tape.rev_index)
             x2d = xr
@@ -422,6 +437,7 @@ class Engine:
         layer_in = v["x0"] if l == 0 else v[f"x{l}"]
         wt = (params.weight("hh", l, d).kernel_args_t()
               + params.proj_args(l, d, transposed=True))
+        cell = params.cell_args(l, d)
         for s in range(hb.shape[0] - 1, -1, -1):
             t0 = s * k
             n = min(k, T - t0)
@@ -432,7 +448,7 @@ class Engine:
             dys = self._segment_dy(v, dcur, d, t0, n, tape.rev_index)
             be.seq_backward((v["dh"], v["dc"], gates[:n], v["dhs"][:n], v["scratch_o"],
                              v["scratch_h"], dys, hs[:n + 1], cs[:n + 1], rs[:n],
-                             tape.seglens[s]) + wt)
+                             tape.seglens[s]) + wt, cell)
             self._accumulate(v, l, d, gates[:n].reshape(n * B, gates.shape[2]), xs,
                              hs[:n].reshape(n * B, hs.shape[2]), v["dhs"][:n], rs[:n], dx_l,
                              t0, tape.rev_index)
@@ -458,7 +474,7 @@ class Engine:
         T, B, width = dx_l.shape
         dx2d = dx_l.reshape(T * B, width)
         r0 = t0 * B
-        if not d:  # the forward direction comes first: its dx goes straight in
+        if not self.reversed(d):  # the forward direction comes first: its dx goes straight in
             be.matmul_batch(dx2d[r0:r0 + rows], dz, w_ih, transposed=True)
             return
         dxd = first(v["dxd"], rows * width).reshape(rows, width)

@@ -1,13 +1,19 @@
 """Save and load models: one ``.npz`` file, written atomically, validated on load.
 
-File layout (format version 1): a NumPy ``.npz`` archive, no pickles, holding
+File layout (format version 2): a NumPy ``.npz`` archive, no pickles, holding
 
 * ``header``: UTF-8 JSON as a uint8 array: ``{"format": "numlstm",
-  "version": 1, "config": {...LSTM arguments...}, "params": {name: spec}}``
+  "version": 2, "config": {...LSTM arguments...}, "params": {name: spec}}``
   where a weight's spec gives its storage (``format`` dense / csr / bsr,
-  ``shape``, and the dtype of every array) and a bias's spec its dtype;
+  ``shape``, and the dtype of every array) and a bias's or peephole's spec
+  its dtype;
 * per weight ``<name>.values`` and, for sparse kinds, ``<name>.indices``,
-  ``<name>.indptr`` (and ``<name>.scales`` for int8 values); per bias ``<name>``.
+  ``<name>.indptr`` (and ``<name>.scales`` for int8 values); per bias or
+  peephole ``<name>``.
+
+Version 2 added the cell options to the config (``reverse``, ``peepholes``,
+``clip``, ``input_forget``, ``activations``); a version 1 file (written
+before them) loads as the plain cell it was.
 
 Every storage kind round-trips exactly, quantized and compact ones included.
 ``load`` checks everything a kernel relies on before any array reaches one:
@@ -39,9 +45,11 @@ from numlstm import weights
 from numlstm.lstm import LSTM
 
 FORMAT = "numlstm"
-VERSION = 1
-_CONFIG_KEYS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
-                "bidirectional", "proj_size", "dtype")
+VERSION = 2
+_CONFIG_KEYS_V1 = ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                   "dropout", "bidirectional", "proj_size", "dtype")
+_CONFIG_KEYS = _CONFIG_KEYS_V1 + ("reverse", "peepholes", "clip", "input_forget",
+                                  "activations")
 _INDEX_TYPES = ("int32", "uint16")
 MAX_HEADER_BYTES = 16 * 2**20  # the JSON header: ~100 bytes per parameter
 MAX_MEMBERS = 2**16 - 1  # archive members (4 per CSR weight): beyond this, zip64
@@ -108,10 +116,11 @@ def save(model, path):
             spec["scales"] = p.scales.dtype.name
             arrays[f"{name}.scales"] = p.scales
         params[name] = spec
-    header = {"format": FORMAT, "version": VERSION,
-              "config": {k: (model.dtype.name if k == "dtype" else getattr(model, k))
-                         for k in _CONFIG_KEYS},
-              "params": params}
+    config = {k: (model.dtype.name if k == "dtype" else getattr(model, k))
+              for k in _CONFIG_KEYS_V1}
+    config["reverse"] = model.reverse
+    config.update(model.cell.as_dict())
+    header = {"format": FORMAT, "version": VERSION, "config": config, "params": params}
     raw = np.frombuffer(json.dumps(header).encode(), np.uint8)
     try:
         _check_before_save(raw, arrays)
@@ -439,8 +448,9 @@ def _plan(header, src):
     The configuration goes through the constructor's own checks (types,
     bounds)."""
     config = header["config"]
-    if set(config) != set(_CONFIG_KEYS):
-        raise ModelFileError(f"{src}: header config must have keys {sorted(_CONFIG_KEYS)}, "
+    keys = _CONFIG_KEYS if header["version"] >= 2 else _CONFIG_KEYS_V1
+    if set(config) != set(keys):
+        raise ModelFileError(f"{src}: header config must have keys {sorted(keys)}, "
                              f"got {sorted(config)}")
     layers = config["num_layers"]
     if isinstance(layers, int) and layers > len(header["params"]):  # each layer has >= 2
@@ -465,9 +475,9 @@ def _plan(header, src):
         spec = specs[name]
         if not isinstance(spec, dict):
             raise ModelFileError(f"{where}: spec must be a JSON object, got {spec!r}")
-        if name.startswith("bias"):
+        if not name.startswith("weight"):  # a bias or peephole array
             members[name] = (_declared(spec.get("dtype"), (model.dtype.name,), where),
-                             shape[0])
+                             math.prod(shape))
             continue
         fmt = spec.get("format")
         _expect(fmt in ("dense", "csr", "bsr"),
@@ -506,7 +516,7 @@ def _check_params(model, specs, arrays, src):
     for name, shape in model.param_shapes().items():
         where = f"{src}: {name}"
         spec = specs[name]
-        if name.startswith("bias"):
+        if not name.startswith("weight"):  # a bias or peephole array
             arr = _array(arrays, name, spec["dtype"], where)
             _expect(arr.shape == shape, f"{where} must have shape {shape}, got {arr.shape}")
             params[name] = _finite(arr, where)

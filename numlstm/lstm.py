@@ -20,8 +20,10 @@ import numpy as np
 from numlstm import backends, checks
 from numlstm import weights as weights_mod
 from numlstm.backends import cpu as cpu_backend
+from numlstm.cell import Cell
 from numlstm.checks import MAX_LAYERS, MAX_PARAM_BYTES, MAX_SIZE, check_bool, check_int
 from numlstm.engine import Engine
+from numlstm.pool import CHUNK, StreamPool
 from numlstm.stream import Stream
 
 __all__ = ["LSTM", "MAX_LAYERS", "MAX_PARAM_BYTES", "MAX_SIZE"]
@@ -57,6 +59,17 @@ class LSTM:
         are converted on the way in.
     seed : int or None
         Seeds the initialisation U(-1/sqrt(H), 1/sqrt(H)) and dropout masks.
+    reverse : bool
+        Every layer runs backwards in time (ONNX's ``direction="reverse"``,
+        Keras's ``go_backwards``): from each sequence's last valid step down
+        to t = 0; y[t] stays aligned with x[t]. Not with ``bidirectional``
+        (which has both directions); cannot stream.
+    peepholes, clip, input_forget, activations
+        The cell options of ONNX's LSTM, off by default (PyTorch's cell):
+        peephole connections (a trainable (3, H) ``peephole_l{k}`` parameter
+        per layer and direction), a clip of the gate pre-activations,
+        f = 1 - i, and other activations (f, g, h). See ``numlstm.cell.Cell``;
+        ``model.cell`` holds them.
 
     Attributes
     ----------
@@ -68,10 +81,13 @@ class LSTM:
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
-                 dtype=np.float32, seed=None):
+                 dtype=np.float32, seed=None, reverse=False, peepholes=False, clip=None,
+                 input_forget=False, activations=None):
         self._configure(input_size, hidden_size, num_layers, bias=bias,
                         batch_first=batch_first, dropout=dropout, bidirectional=bidirectional,
-                        proj_size=proj_size, dtype=dtype, seed=seed)
+                        proj_size=proj_size, dtype=dtype, seed=seed, reverse=reverse,
+                        peepholes=peepholes, clip=clip, input_forget=input_forget,
+                        activations=activations)
         k = 1.0 / np.sqrt(self.hidden_size)
         params = {}
         for name, shape in self.param_shapes().items():
@@ -104,7 +120,8 @@ class LSTM:
 
     def _configure(self, input_size, hidden_size, num_layers=1, *, bias=True,
                    batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
-                   dtype=np.float32, seed=None):
+                   dtype=np.float32, seed=None, reverse=False, peepholes=False, clip=None,
+                   input_forget=False, activations=None):
         self.input_size = check_int(input_size, "input_size", 1, MAX_SIZE)
         self.hidden_size = check_int(hidden_size, "hidden_size", 1, MAX_SIZE)
         self.num_layers = check_int(num_layers, "num_layers", 1, MAX_LAYERS)
@@ -123,6 +140,12 @@ class LSTM:
         self.dropout = float(dropout)
         self.bidirectional = check_bool(bidirectional, "bidirectional")
         self.num_directions = 2 if bidirectional else 1
+        self.reverse = check_bool(reverse, "reverse")
+        if self.reverse and self.bidirectional:
+            raise ValueError("reverse=True is a layer that runs only backwards in time; "
+                             "bidirectional=True already has both directions: pass one")
+        self.cell = Cell(peepholes=peepholes, clip=clip, input_forget=input_forget,
+                         activations=activations)
         self.output_size = self.proj_size or self.hidden_size  # O
         self._check_param_bytes()
         self._rng = np.random.default_rng(seed)
@@ -135,7 +158,8 @@ class LSTM:
         """Refuse a configuration whose parameters exceed ``MAX_PARAM_BYTES``
         (counted in closed form: no per-layer loop, no allocation)."""
         H, O, P, D = self.hidden_size, self.output_size, self.proj_size, self.num_directions
-        extra = (8 * H if self.bias else 0) + P * H + 4 * H * O  # biases, W_hr, W_hh
+        extra = ((8 * H if self.bias else 0) + P * H + 4 * H * O  # biases, W_hr, W_hh
+                 + (3 * H if self.cell.peepholes else 0))
         count = D * ((4 * H * self.input_size + extra)
                      + (self.num_layers - 1) * (4 * H * D * O + extra))
         nbytes = count * self.dtype.itemsize
@@ -203,14 +227,16 @@ class LSTM:
                     shapes[f"bias_hh_l{layer}{sfx}"] = (4 * H,)
                 if P:
                     shapes[f"weight_hr_l{layer}{sfx}"] = (P, H)
+                if self.cell.peepholes:  # rows p_i, p_f, p_o (numlstm.cell)
+                    shapes[f"peephole_l{layer}{sfx}"] = (3, H)
         return shapes
 
     def _set_params(self, values):
         """Validate every value, then install them all with fresh zero gradients
         (a bad value leaves the model as it was)."""
-        params = {}  # name -> a weights.Dense / CSR / BSR, or a bias array
+        params = {}  # name -> a weights.Dense / CSR / BSR, or a bias / peephole array
         for name, shape in self.param_shapes().items():
-            if name.startswith("bias"):
+            if not name.startswith("weight"):
                 arr = weights_mod.check_float_array(values[name], name, shape, self.dtype)
                 if not np.all(np.isfinite(arr)):
                     raise ValueError(f"{name} must be finite, got NaN or inf values")
@@ -240,7 +266,7 @@ class LSTM:
             self.grad[name] = g
         self.host_params = cpu_backend.Params(
             params, self._grad_buffers, hidden_size=self.hidden_size,
-            proj_size=self.proj_size, bias=self.bias, dtype=self.dtype)
+            proj_size=self.proj_size, bias=self.bias, dtype=self.dtype, cell=self.cell)
         self.version += 1  # streams rebind on change; the engine reloads
         self.engine.tape = None
 
@@ -386,18 +412,6 @@ class LSTM:
         self.host_params.refresh_layouts()
         self.layouts_stale = False
 
-    # Old private names of the members above, kept while numlstm/pool.py
-    # still reads them (issue 14: the lead moves it to the public ones).
-    _step_args = step_args
-    _recurrent_args = recurrent_args
-    _biases = biases
-    _proj_args = proj_args
-    _check_state = check_state
-
-    @property
-    def _layouts_stale(self):
-        return self.layouts_stale
-
     # ------------------------------------------------------------------
     # Forward and backward (numlstm.engine)
     # ------------------------------------------------------------------
@@ -519,9 +533,18 @@ class LSTM:
         """An O(1)-memory step-by-step runner; see ``numlstm.stream.Stream``."""
         return Stream(self, batch_size, state)
 
+    def stream_pool(self, capacity, *, chunk=None):
+        """Up to ``capacity`` independent sessions of this model, any subset
+        stepped together in one batched call: a ``numlstm.StreamPool`` (CPU
+        only; ``chunk`` rows per batched product, default
+        ``numlstm.pool.CHUNK``)."""
+        return StreamPool(self, capacity, chunk=CHUNK if chunk is None else chunk)
+
     def __repr__(self):
         kinds = sorted({weights_mod.describe(w) for w in self.weights().values()})
         return (f"LSTM({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
                 f"bidirectional={self.bidirectional}, proj_size={self.proj_size}, "
-                f"dtype={self.dtype.name}, weights={'+'.join(kinds)})")
+                f"dtype={self.dtype.name}, weights={'+'.join(kinds)}"
+                + (", reverse=True" if self.reverse else "")
+                + "".join(f", {k}={v!r}" for k, v in self.cell.options().items()) + ")")

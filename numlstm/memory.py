@@ -9,7 +9,7 @@ rows:
 - weight values / indices / indptr / scales: the stored weight matrices, by
   part (each storage kind's ``nbytes_parts()``); with the biases they sum to
   ``model.weight_bytes()``;
-- biases;
+- biases; peepholes (a model with ``peepholes=True``);
 - gradients (training only): one buffer per parameter, shaped like its stored
   values (a sparse weight's gradient lives on its pattern);
 - optimizer state (training only): slots of the gradient's size, or the
@@ -20,7 +20,10 @@ rows:
   minus the tape (scratch, dx, checkpoint recompute buffers, alignment), the
   transposed patterns sparse weights build for backward, and the arrays the
   call returns (y and the final state; in training also dx and the initial
-  state's gradient) with its small per-call index arrays.
+  state's gradient) with its small per-call index arrays;
+- with ``pool``: stream pool states (every slot's h and c of every layer,
+  a full step's input and output rows, the slot index) and stream pool
+  workspace (one chunk's work rows), ``numlstm.pool.pool_memory``'s parts.
 
 The prediction is the exact size of the plan ``LSTM.forward`` carves, so it
 does not guess: what it cannot see are Python objects (views, tuples: a few
@@ -36,12 +39,14 @@ import numpy as np
 
 from numlstm.checks import check_int
 from numlstm.lstm import LSTM
+from numlstm.pool import StreamPool, pool_memory
 
 OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2, "adamw": 2}
 
 ROWS = ("weight values", "weight indices", "weight indptr", "weight scales",
-        "weight layout", "biases",
+        "weight layout", "biases", "peepholes",
         "gradients", "optimizer state", "recorded activations", "workspace")
+POOL_ROWS = ("stream pool states", "stream pool workspace")  # with memory_report(pool=...)
 
 
 def human(nbytes):
@@ -123,7 +128,7 @@ def _optimizer_bytes(optimizer, grad_bytes, training):
 
 
 def memory_report(model, seq_len, batch_size, training=False, checkpoint=None,
-                  optimizer=None, measure=False):
+                  optimizer=None, measure=False, pool=None):
     """Bytes of a forward (and, in training, backward) call on (T, B) input.
 
     Parameters
@@ -148,6 +153,10 @@ def memory_report(model, seq_len, batch_size, training=False, checkpoint=None,
         workspaces and any recorded tape are dropped first, so that the
         measurement starts from what the prediction assumes (the next call
         rebuilds them); gradients and the dropout generator are restored.
+    pool : numlstm.StreamPool or int, optional
+        Also count a stream pool of this model: an open pool's own bytes, or
+        those of a pool of that capacity (``numlstm.pool.pool_memory``), as
+        the ``POOL_ROWS``.
 
     Returns
     -------
@@ -172,13 +181,24 @@ def memory_report(model, seq_len, batch_size, training=False, checkpoint=None,
     for w in model.weights().values():
         for part, nbytes in w.nbytes_parts().items():
             rows[f"weight {part}"] += nbytes
-    rows["biases"] = sum(p.nbytes for name, p in model.host_params.params.items()
-                         if name.startswith("bias"))
+    params = model.host_params.params
+    rows["biases"] = sum(p.nbytes for name, p in params.items() if name.startswith("bias"))
+    rows["peepholes"] = sum(p.nbytes for name, p in params.items()
+                            if name.startswith("peephole"))
     grad_bytes = sum(g.nbytes for g in model.grad_arrays().values())
     rows["gradients"] = grad_bytes if training else 0
     rows["optimizer state"] = _optimizer_bytes(optimizer, grad_bytes, training)
     rows["recorded activations"] = plan["activations"]
     rows["workspace"] = plan["workspace"] + plan["transposed"] + plan["outputs"]
+    if pool is not None:
+        if isinstance(pool, StreamPool):
+            if pool.model is not model:
+                raise ValueError("pool must be a StreamPool of this model (or a capacity)")
+            parts = pool.memory_parts()
+        else:
+            parts = pool_memory(model, pool)
+        rows["stream pool states"] = parts["states"] + parts["index"]
+        rows["stream pool workspace"] = parts["workspace"]
     rows["total"] = sum(rows.values())
     case = {"seq_len": T, "batch_size": B, "training": training, "checkpoint": checkpoint,
             "segment": plan["segment"]}

@@ -54,7 +54,8 @@ def buffer_plan(model, T, B, training, segment=None, *, sparse=False, staged=Fal
     kmax = max(I, D * O)
     ckpt = training and segment is not None
     S = segment if ckpt else T  # steps the recurrence buffers hold
-    R = S if D == 2 else 0  # rows of the buffers only the reverse direction needs
+    backwards = D == 2 or model.reverse  # a direction runs backwards in time
+    R = S if backwards else 0  # rows of the buffers only a reversed direction needs
     bf = T if staged and batch_first else 0  # rows of the batch_first staging buffers
     spec = [("xrev", (R, B, kmax)),  # a layer's input, reversed per sequence
             ("odir", (R, B, O)),  # reverse direction's output, before un-reversal
@@ -90,7 +91,7 @@ def buffer_plan(model, T, B, training, segment=None, *, sparse=False, staged=Fal
     amax = max(kmax, H)
     # dy of one direction in its own time order. With D = 1 the kernel reads
     # dy itself: staged, or on the host unless batch_first left it strided.
-    dyd = R if ckpt or staged else (T if D == 2 or model.batch_first else 0)
+    dyd = R if ckpt or staged else (T if backwards or model.batch_first else 0)
     spec += [("dyd", (dyd, B, O)),
              ("dytmp", (R, B, D * O if ckpt else O)),
              ("dhs", (S if P else 0, B, O)),  # gradient reaching each h_t
@@ -169,11 +170,13 @@ def memory_plan(model, spec, kept, T, B, *, training, segment, staged, transpose
     workspace = plan_nbytes(spec, dtype) - activations
     outputs = ys + states + ((dxs + states) if training else 0)  # y, (h_n, c_n); dx, ...
     nseg = -(-T // segment) if segment else 0
+    backwards = D == 2 or model.reverse
     if staged:  # the per-call index arrays, in the backend's own small block
-        index = [("lengths", (B,)), ("rev", (T * B if D == 2 else 0,)), ("seglens", (nseg, B))]
+        index = [("lengths", (B,)), ("rev", (T * B if backwards else 0,)),
+                 ("seglens", (nseg, B))]
         outputs += plan_nbytes(index, "int64")
     else:
-        outputs += T * B * 8 if D == 2 else 0  # reverse index
+        outputs += T * B * 8 if backwards else 0  # reverse index
         strided = model.batch_first and T > 1 and B > 1  # batch_first copies
         if not training:
             outputs += ys if strided else 0  # y and its transposed copy, both at once

@@ -17,7 +17,8 @@ import threading
 
 import numpy as np
 
-from numlstm import weights as W
+from numlstm import checks
+from numlstm import weights as weights_mod
 from numlstm.kernels.pool import CLOSED, DUPLICATE, OUT_OF_RANGE, compiled_pool_step, make_pool_plan
 from numlstm.workspace import Workspace, plan_nbytes
 
@@ -100,8 +101,8 @@ class StreamPool:
     Raises
     ------
     ValueError
-        A bidirectional model (its reverse direction needs the whole
-        sequence) or a capacity/chunk that is not a positive int.
+        A bidirectional or reverse model (its reverse direction needs the
+        whole sequence) or a capacity/chunk that is not a positive int.
     TypeError
         A model on the GPU: the pool runs on the CPU only (move it with
         ``model.to("cpu")``, or give each session a ``model.stream()`` on
@@ -118,9 +119,7 @@ class StreamPool:
             raise TypeError("a StreamPool runs on the CPU, but the model is on the GPU "
                             '(model.to("cuda")); call model.to("cpu") first, or step each '
                             "session with its own model.stream() on the device")
-        if model.bidirectional:
-            raise ValueError("a bidirectional model cannot stream: its reverse direction "
-                             "needs the whole sequence; use forward() instead")
+        checks.check_stream_args(model, 1)  # refuses a bidirectional or reverse model
         self.model = model
         self.capacity = S = _check_capacity(capacity, "capacity")
         self.chunk = _check_capacity(chunk, "chunk")
@@ -155,7 +154,7 @@ class StreamPool:
         per-step execution layouts of sparse weights, as a batch-1 stream
         uses) and ``large`` for the rest (the stored arrays, which batched
         products read). The model decides which arguments a batch gets
-        (``_step_args``), so a chunk of m rows multiplies exactly as a
+        (``step_args``), so a chunk of m rows multiplies exactly as a
         ``Stream`` of batch m does."""
         from numlstm import config
 
@@ -164,9 +163,11 @@ class StreamPool:
             raise TypeError("the model was moved to the GPU after this StreamPool was made; "
                             'a pool runs on the CPU: call model.to("cpu") to step it again')
         sets = []
+        params = m.kernel_params()
         for B in (1, config.STEP_MAX_B):
-            sets.append(tuple((self._gates[l], self._r[l]) + m._step_args("ih", l, 0, B)
-                              + m._biases(l, 0) + m._recurrent_args(l, 0, B)
+            sets.append(tuple((self._gates[l], self._r[l]) + params.step_args("ih", l, 0, B)
+                              + params.biases(l, 0) + params.recurrent_args(l, 0, B)
+                              + (params.cell_args(l, 0),)
                               for l in range(m.num_layers)))
         self._plan = make_pool_plan(self._h, self._c, self._wh, self._wc, self._x, self._xw,
                                     self._out, self._sids, self._live, self._mark, self._tick,
@@ -201,9 +202,9 @@ class StreamPool:
         m = self.model
         if not isinstance(state, (tuple, list)) or len(state) != 2:
             raise TypeError(f"state must be a tuple (h, c), got {type(state).__name__}")
-        h = W.check_float_array(state[0], "state[0] (h)", (m.num_layers, m.output_size),
+        h = weights_mod.check_float_array(state[0], "state[0] (h)", (m.num_layers, m.output_size),
                                 m.dtype)
-        c = W.check_float_array(state[1], "state[1] (c)", (m.num_layers, m.hidden_size),
+        c = weights_mod.check_float_array(state[1], "state[1] (c)", (m.num_layers, m.hidden_size),
                                 m.dtype)
         return h, c
 
@@ -314,12 +315,12 @@ class StreamPool:
                              f"{self.capacity}; ids must be distinct")
         if x.__class__ is not np.ndarray or x.dtype is not self._x.dtype \
                 or x.shape != (n, self._x.shape[1]):
-            x = W.check_float_array(x, "x", (n, self._x.shape[1]), self._x.dtype)
+            x = weights_mod.check_float_array(x, "x", (n, self._x.shape[1]), self._x.dtype)
         with self._lock:
             m = self.model
             if self._version != m.version:
                 self._bind()
-            if m._layouts_stale:
+            if m.layouts_stale:
                 m.refresh_layouts()
             self._sids[:n] = sids
             self._x[:n] = x

@@ -34,7 +34,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from numlstm import weights as W
+from numlstm import weights as weights_mod
 
 
 class _Request:
@@ -134,7 +134,7 @@ class Batcher:
         else:
             if isinstance(x_t, np.ndarray) and x_t.shape == (1, I):
                 x_t = x_t[0]
-            x = np.array(W.check_float_array(x_t, "x_t", (I,), self._dtype))
+            x = np.array(weights_mod.check_float_array(x_t, "x_t", (I,), self._dtype))
         if not self.pool.is_open(sid):
             raise KeyError(f"sid {sid!r} is not an open session of the pool")
         future = Future()

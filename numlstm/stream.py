@@ -63,7 +63,7 @@ class Stream:
             x_l = x if l == 0 else self._h_layers[l - 1]
             layers.append((self._h_layers[l], self._c_layers[l], self._gates, self._r, x_l)
                           + params.step_args("ih", l, 0, B) + params.biases(l, 0)
-                          + params.recurrent_args(l, 0, B))
+                          + params.recurrent_args(l, 0, B) + (params.cell_args(l, 0),))
         return layers
 
     def _bind(self):

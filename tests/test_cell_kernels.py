@@ -129,23 +129,19 @@ def test_cpu_variant_cell_matches_the_oracle(activations, clip, input_forget, pe
         assert np.abs(grads["dP"]).max() > 0
 
 
-def test_plain_cell_is_the_default():
-    """``cell=()`` and no cell run the same plain kernels: identical results."""
-    pb = problem(5, np.float32, peepholes=False)
-    a, ga = run_kernels(K, pb, (), np.float32)
-    # The kernels called without the argument (numba's omitted default).
-    w, x = pb["w"], pb["x"]
-    T, B, _ = x.shape
-    hs = np.zeros((T + 1, B, 4), np.float32)
-    cs = np.zeros((T + 1, B, 4), np.float32)
-    hs[0], cs[0] = pb["h0"], pb["c0"]
-    gates = (x.astype(np.float64) @ w["W_ih"].T).astype(np.float32)
-    K.lstm_seq_forward(hs, cs, gates, np.zeros((0, B, 4), np.float32),
-                       np.zeros((B, 16), np.float32), pb["lengths"],
-                       w["b_ih"].astype(np.float32), w["b_hh"].astype(np.float32),
-                       *dense(w["W_hh"], np.float32), *dense(np.zeros((0, 4)), np.float32))
-    np.testing.assert_array_equal(hs, a["hs"])
-    np.testing.assert_array_equal(cs, a["cs"])
+def test_variant_cell_with_plain_options_equals_the_plain_cell():
+    """The variant code at PyTorch's options (sigmoid, tanh, tanh; no clip,
+    coupling or peepholes) computes what the plain code does; only its tape
+    differs (raw pre-activations instead of activations)."""
+    dtype = np.float64
+    pb = problem(5, dtype, P=2, peepholes=False)
+    plain_fwd, plain = run_kernels(K, pb, (), dtype)
+    cell = kernel_cell(("sigmoid", "tanh", "tanh"), None, False, np.zeros((0, 4)), dtype)
+    fwd, grads = run_kernels(K, pb, cell, dtype)
+    for name in ("hs", "cs"):
+        np.testing.assert_allclose(fwd[name], plain_fwd[name], rtol=1e-13, atol=1e-13)
+    for name in ("dh0", "dc0", "dW_ih", "dW_hh"):
+        np.testing.assert_allclose(grads[name], plain[name], rtol=1e-12, atol=1e-12)
 
 
 def test_step_kernel_takes_the_variant_cell():

@@ -224,8 +224,8 @@ def test_lstm_step_matches_the_cpu_kernel(kind, dtype, P):
     weights = (L["wih"].kernel_args() + (L["bias_ih"], L["bias_hh"])
                + L["whh"].kernel_args() + L["whr_args"])
     dargs = dev_args((h, c, gates, r, x) + weights)
-    C.lstm_step(*dargs)
-    K.lstm_step(h, c, gates, r, x, *weights)
+    C.lstm_step(*dargs, ())
+    K.lstm_step(h, c, gates, r, x, *weights, ())
     for got, want in zip(dargs[:2], (h, c), strict=True):
         np.testing.assert_allclose(host(got), want, **TOL[dtype])
     np.testing.assert_allclose(host(dargs[2])[0], gates[0], **TOL[dtype])
@@ -253,8 +253,8 @@ def test_recurrences_match_the_cpu_kernels(kind, dtype, P):
     L = layer(kind, dtype, P)
     fwd = forward_args(L, LENGTHS, dtype)
     dfwd = dev_args(fwd)
-    C.lstm_seq_forward(*dfwd)
-    K.lstm_seq_forward(*fwd)
+    C.lstm_seq_forward(*dfwd, ())
+    K.lstm_seq_forward(*fwd, ())
     for got, want in zip(dfwd[:4], fwd[:4], strict=True):  # hs, cs, gates, rs
         np.testing.assert_allclose(host(got), want, **TOL[dtype])
 
@@ -267,8 +267,8 @@ def test_recurrences_match_the_cpu_kernels(kind, dtype, P):
            np.zeros((B, H), dtype), dy, hs, cs, rs, LENGTHS) \
         + L["whh"].kernel_args_t() + L["whr_args_t"]
     dbwd = dev_args(bwd)
-    C.lstm_seq_backward(*dbwd)
-    K.lstm_seq_backward(*bwd)
+    C.lstm_seq_backward(*dbwd, ())
+    K.lstm_seq_backward(*bwd, ())
     for got, want in zip(dbwd[:4], bwd[:4], strict=True):  # dh, dc, dz, dhs
         np.testing.assert_allclose(host(got), want, **TOL[dtype])
 
@@ -292,9 +292,9 @@ def test_persistent_forward_matches_the_cpu_kernel(kind, dtype, P, resident, mon
     L = layer(kind, dtype, P)
     fwd = forward_args(L, LENGTHS, dtype)
     dfwd = dev_args(fwd)
-    info = C.lstm_seq_forward_persistent(*dfwd)
+    info = C.lstm_seq_forward_persistent(*dfwd, ())
     assert info["persistent"] and info["resident"] == resident, info
-    K.lstm_seq_forward(*fwd)
+    K.lstm_seq_forward(*fwd, ())
     for got, want in zip(dfwd[:4], fwd[:4], strict=True):
         np.testing.assert_allclose(host(got), want, **TOL[dtype])
 
@@ -303,9 +303,9 @@ def test_persistent_forward_falls_back_for_bsr():
     L = layer("bsr", np.float64, 0)
     fwd = forward_args(L, LENGTHS, np.float64)
     dfwd = dev_args(fwd)
-    info = C.lstm_seq_forward_persistent(*dfwd)
+    info = C.lstm_seq_forward_persistent(*dfwd, ())
     assert not info["persistent"]
-    K.lstm_seq_forward(*fwd)
+    K.lstm_seq_forward(*fwd, ())
     np.testing.assert_allclose(host(dfwd[0]), fwd[0], **TOL[np.float64])
 
 
@@ -331,7 +331,7 @@ def test_a_layer_on_the_gpu_matches_the_reference():
     C.matmul(d["gates"].reshape(T * B, G), d["x"], *dev_args(wih.kernel_args()))
     C.lstm_seq_forward(d["hs"], d["cs"], d["gates"], d["rs"], d["scratch"], d["lengths"],
                        d["bias_ih"], d["bias_hh"], *dev_args(whh.kernel_args()),
-                       *dev_args(whr.kernel_args()))
+                       *dev_args(whr.kernel_args()), ())
     hs = host(d["hs"])
 
     params = {"weight_ih_l0": wih.to_array(), "weight_hh_l0": whh.to_array(),
@@ -349,7 +349,7 @@ def test_a_layer_on_the_gpu_matches_the_reference():
         so=np.zeros((B, O)), sh=np.zeros((B, H)), dy=dy).items()}
     C.lstm_seq_backward(b["dh"], b["dc"], d["gates"], b["dhs"], b["so"], b["sh"], b["dy"],
                         d["hs"], d["cs"], d["rs"], d["lengths"],
-                        *dev_args(whh.kernel_args_t()), *dev_args(whr.kernel_args_t()))
+                        *dev_args(whh.kernel_args_t()), *dev_args(whr.kernel_args_t()), ())
     dz = d["gates"].reshape(T * B, G)
     dz_t = dev(host(dz).T)
     # Weight gradients: SDDMM on the CSR patterns, tiled products for dense ones.
@@ -415,6 +415,6 @@ def test_persistent_kernel_splits_the_units_over_blocks(kind, resident, monkeypa
     kernel[plan["blocks"], config.CUDA_PERSISTENT_THREADS, 0, plan["shared"]](
         *dfwd[:4], *dfwd[5:], barrier, plan["units"], plan["punits"], plan["lanes"],
         int(plan["resident"]))
-    K.lstm_seq_forward(*fwd)
+    K.lstm_seq_forward(*fwd, ())
     for got, want in zip(dfwd[:3], fwd[:3], strict=True):
         np.testing.assert_allclose(host(got), want, **TOL[dtype])

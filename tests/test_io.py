@@ -117,7 +117,7 @@ def _set_header(*keys, value):
 BAD = {
     "no header": (None, lambda a, h: h.clear() or h.update(format="other"),
                   "not a numlstm model file"),
-    "newer version": (None, _set_header("version", value=2), "format version 2 by a newer"),
+    "newer version": (None, _set_header("version", value=3), "format version 3 by a newer"),
     "bad config": (None, _set_header("config", "hidden_size", value=-4),
                    "header config is invalid: hidden_size must be >= 1"),
     "missing param": (None, lambda a, h: h["params"].pop("bias_hh_l0"),

@@ -252,6 +252,7 @@ def test_warm_step_allocates_nothing(kind, L, P, n):
 def test_memory_is_as_predicted():
     m = _model("mixed", 2, 3)
     predicted = pool_memory(m, 1000, chunk=64)
+    StreamPool(m, 2, chunk=64)  # compiled (or loaded) outside the measurement
     tracemalloc.start()
     try:
         pool = StreamPool(m, 1000, chunk=64)
@@ -261,6 +262,22 @@ def test_memory_is_as_predicted():
     assert pool.memory_parts() == predicted
     assert predicted["workspace"] < predicted["states"]  # 64 work rows, 1000 slots
     assert predicted["total"] <= held <= predicted["total"] * 1.05 + 8192
+
+
+def test_memory_report_adds_the_pool():
+    m = _model("mixed", 2, 3)
+    pool = m.stream_pool(100, chunk=16)
+    plain = numlstm.memory_report(m, 1, 1)
+    with_pool = numlstm.memory_report(m, 1, 1, pool=pool)
+    parts = pool.memory_parts()
+    assert with_pool["stream pool states"] == parts["states"] + parts["index"]
+    assert with_pool["stream pool workspace"] == parts["workspace"]
+    assert with_pool["total"] == plain["total"] + parts["total"]
+    by_capacity = numlstm.memory_report(m, 1, 1, pool=100)  # the default chunk: 100 rows
+    assert by_capacity["stream pool states"] == with_pool["stream pool states"]
+    assert "stream pool workspace" in str(with_pool)
+    with pytest.raises(ValueError, match="StreamPool of this model"):
+        numlstm.memory_report(_model("dense", 1, 0), 1, 1, pool=pool)
 
 
 # -- bad input ----------------------------------------------------------------------------

@@ -4,9 +4,26 @@
 class ParamLookups:
     """Name lookups over a store's ``weights`` (name -> weight with
     ``kernel_args()`` / ``kernel_args_t()`` / ``step_args()``), ``params``
-    (name -> weight or bias array), ``no_bias``, ``no_proj``, ``has_bias``
-    and ``proj_size``: the CPU and CUDA ``Params`` set these, and the engine
-    and streams read a layer's arguments only through these methods."""
+    (name -> weight, bias or peephole array), ``grads``, ``no_bias``,
+    ``no_proj``, ``no_peep``, ``has_bias``, ``proj_size``, ``cell`` (a
+    ``numlstm.cell.Cell``) and ``_cells`` (an empty dict): the CPU and CUDA
+    ``Params`` set these, and the engine and streams read a layer's
+    arguments only through these methods."""
+
+    def cell_args(self, layer, d):
+        """The kernels' ``cell`` argument of a layer and direction (kernels/cpu.py,
+        "The cell options"): () for PyTorch's cell, else the variant's arrays,
+        its peepholes and their gradient buffer bound (made once)."""
+        args = self._cells.get((layer, d))
+        if args is None:
+            name = f"peephole_l{layer}{'_reverse' if d else ''}"
+            peep, dpeep = ((self.params[name], self.grads[name]) if name in self.params
+                           else (self.no_peep, self.no_peep))
+            args = self.cell.kernel_cell(peep, dpeep, self.no_bias.dtype)
+            if args:
+                args = (self.to_backend(args[0]), self.to_backend(args[1])) + args[2:]
+            self._cells[(layer, d)] = args
+        return args
 
     def weight(self, kind, layer, d):
         """The weight W_ih / W_hh / W_hr (``kind`` "ih", "hh", "hr") of a layer

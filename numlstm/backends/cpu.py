@@ -43,15 +43,24 @@ class Params(ParamLookups):
         One gradient buffer per parameter, shaped like its ``values``.
     hidden_size, proj_size : int
         H and P of the model; ``bias`` whether it has biases.
+    cell : numlstm.cell.Cell
+        The cell options (``cell_args`` hands them to the kernels).
     """
 
-    def __init__(self, params, grads, *, hidden_size, proj_size, bias, dtype):
+    def __init__(self, params, grads, *, hidden_size, proj_size, bias, dtype, cell):
         self.params, self.grads = params, grads
         self.weights = {n: p for n, p in params.items() if n.startswith("weight")}
-        self.has_bias, self.proj_size = bias, proj_size
+        self.has_bias, self.proj_size, self.cell = bias, proj_size, cell
         self.no_bias = np.zeros(4 * hidden_size, dtype)  # read-only zeros
         self.no_proj = weights_mod.Dense(np.zeros((0, 0), dtype)).kernel_args()  # P = 0
+        self.no_peep = np.zeros((0, hidden_size), dtype)
+        self._cells = {}
         self.sparse = any(w.format != "dense" for w in self.weights.values())
+
+    @staticmethod
+    def to_backend(a):
+        """A small host array as this backend's kernels read it: itself."""
+        return a
 
     def _step_args(self, w, B):
         """Below ``config.STEP_MAX_B`` rows, the per-step execution layout
@@ -202,15 +211,14 @@ def bias_grad_acc(g_ih, g_hh, dz, v):
     g_hh += db
 
 
-def seq_forward(args):
-    # Arguments go as one prebuilt tuple: numba 0.68 leaks a few bytes per
-    # call when positional and *-unpacked arguments are mixed in one call
-    # (docs/design.md, Kernels: "Calls from Python pass one prebuilt tuple").
-    cpu_kernels.lstm_seq_forward(*args)
+def seq_forward(args, cell):
+    # The arguments cross into numba as one tuple and the cell (docs/design.md,
+    # Kernels: "Calls from Python pass one prebuilt tuple").
+    cpu_kernels.lstm_seq_forward_packed(args, cell)
 
 
-def seq_backward(args):
-    cpu_kernels.lstm_seq_backward(*args)
+def seq_backward(args, cell):
+    cpu_kernels.lstm_seq_backward_packed(args, cell)
 
 
 def step_plan(layers):

@@ -200,15 +200,15 @@ def bias_grad_acc(g_ih, g_hh, dz, v):
     cuda_optim.bias_grad_acc(g_ih, g_hh, dz, stream=CUDA_STREAM)
 
 
-def seq_forward(args):
+def seq_forward(args, cell):
     if PERSISTENT_FORWARD:
-        cuda_kernels.lstm_seq_forward_persistent(*args, stream=CUDA_STREAM)
+        cuda_kernels.lstm_seq_forward_persistent(*args, cell, stream=CUDA_STREAM)
     else:
-        cuda_kernels.lstm_seq_forward(*args, stream=CUDA_STREAM)
+        cuda_kernels.lstm_seq_forward(*args, cell, stream=CUDA_STREAM)
 
 
-def seq_backward(args):
-    cuda_kernels.lstm_seq_backward(*args, stream=CUDA_STREAM)
+def seq_backward(args, cell):
+    cuda_kernels.lstm_seq_backward(*args, cell, stream=CUDA_STREAM)
 
 
 def _step_layers(layers):
@@ -360,8 +360,10 @@ class Params(ParamLookups):
         self.host = host
         dtype = host.no_bias.dtype
         empties = (empty((0, 0), dtype), empty(0, dtype), empty(0, np.int32))
-        self.has_bias, self.proj_size = host.has_bias, host.proj_size
+        self.has_bias, self.proj_size, self.cell = host.has_bias, host.proj_size, host.cell
         self.no_bias = _upload_new(host.no_bias)
+        self.no_peep = empty(host.no_peep.shape, dtype)
+        self._cells = {}
         self.no_proj = (empties[0], empties[1], empties[2], empties[2])
         self.weights = {name: Weight(w, name, empties) for name, w in host.weights.items()}
         self.sparse = host.sparse
@@ -372,6 +374,11 @@ class Params(ParamLookups):
             g = empty(vals.shape, vals.dtype)
             fill(g, 0)
             self.grads[name] = g
+
+    @staticmethod
+    def to_backend(a):
+        """A small host array (a variant cell's codes and constants) uploaded."""
+        return _upload_new(a)
 
     def _step_args(self, w, B):
         """Device weights keep their stored form for per-step products too."""

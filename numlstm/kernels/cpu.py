@@ -528,10 +528,12 @@ def _cell_backward(act, dc, dr, c, c_prev):
 
 
 # The cell options of ONNX's LSTM (peepholes, clip, coupled input-forget gate,
-# other activations) cross into the kernels as ``cell``: the empty tuple for
-# the plain LSTM, which the kernels' default leaves on the code above (the
-# choice is made when numba types the call, so the plain path has no branch),
-# or ``(kinds, params, peep, dpeep)`` for a variant cell (``numlstm.cell``):
+# other activations) cross into the kernels as ``cell``, their last argument:
+# the empty tuple for the plain LSTM, which keeps the code above (the choice
+# is made when numba types the call, so the plain path has no branch), or
+# ``(kinds, params, peep, dpeep)`` for a variant cell (``numlstm.cell``). It
+# has no default: numba 0.68 leaks ~200 bytes per Python call that omits a
+# defaulted argument of a kernel this long.
 #   kinds  (3,) int64: the activation codes of f (gates i, f, o), g, h;
 #   params (8,) model dtype: alpha, beta of f, g, h; clip (inf = none);
 #          input_forget (1 = f is 1 - i);
@@ -702,7 +704,7 @@ def _carry(act, cs, hs, rs, t, b, projected):
 def lstm_step(h, c, gates, r, x,
               wih, wih_data, wih_indices, wih_indptr, bias_ih, bias_hh,
               whh, whh_data, whh_indices, whh_indptr,
-              whr, whr_data, whr_indices, whr_indptr, cell=()):
+              whr, whr_data, whr_indices, whr_indptr, cell):
     """One LSTM step for a whole batch, state updated in place (streaming).
 
     Shapes: h (B, O) and c (B, H) state, read as h_{t-1}, c_{t-1} and
@@ -731,7 +733,7 @@ def lstm_step(h, c, gates, r, x,
 @njit(**_OPTS)
 def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
                      whh, whh_data, whh_indices, whh_indptr,
-                     whr, whr_data, whr_indices, whr_indptr, cell=()):
+                     whr, whr_data, whr_indices, whr_indptr, cell):
     """Forward recurrence of one layer and direction over a whole sequence.
 
     Shapes: hs (T+1, B, O) and cs (T+1, B, H) with hs[0], cs[0] = h0, c0 on
@@ -768,7 +770,7 @@ def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
 def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
                       dy, hs, cs, rs, lengths,
                       whh, whh_data_t, whh_indices_t, whh_indptr_t,
-                      whr, whr_data_t, whr_indices_t, whr_indptr_t, cell=()):
+                      whr, whr_data_t, whr_indices_t, whr_indptr_t, cell):
     """Backward recurrence (BPTT) of one layer and direction.
 
     Shapes: dh (B, O) and dc (B, H) hold dh_n, dc_n on entry and dh0, dc0 on
@@ -805,6 +807,22 @@ def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
             if t < lengths[b]:
                 for j in range(dh.shape[1]):
                     dh[b, j] = scratch_o[b, j]
+
+
+@njit(**_OPTS)
+def lstm_seq_forward_packed(args, cell):
+    """``lstm_seq_forward(*args, cell)``: the drivers' call from Python, the
+    arguments but ``cell`` in one tuple (docs/design.md, Kernels: "Calls
+    from Python pass one prebuilt tuple")."""
+    lstm_seq_forward(*args, cell)
+
+
+@njit(**_OPTS)
+def lstm_seq_backward_packed(args, cell):
+    """``lstm_seq_backward(*args, cell)``, as ``lstm_seq_forward_packed``: its
+    19 other arguments in one tuple (a 20-tuple built per call would fill
+    CPython 3.11's free list of 20-tuples, 400 KB)."""
+    lstm_seq_backward(*args, cell)
 
 
 # ----------------------------------------------------------------------------

@@ -943,7 +943,7 @@ def _cell_kernel(dtype, which, cell):
 def lstm_step(h, c, gates, r, x,
               wih, wih_data, wih_indices, wih_indptr, bias_ih, bias_hh,
               whh, whh_data, whh_indices, whh_indptr,
-              whr, whr_data, whr_indices, whr_indptr, cell=(), *, stream=0):
+              whr, whr_data, whr_indices, whr_indptr, cell, *, stream=0):
     """One LSTM step for a whole batch, state updated in place (streaming).
 
     Shapes and ``cell`` as the CPU's ``lstm_step``: h (B, O), c (B, H) read as h_{t-1},
@@ -968,7 +968,7 @@ def lstm_step(h, c, gates, r, x,
 
 def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
                      whh, whh_data, whh_indices, whh_indptr,
-                     whr, whr_data, whr_indices, whr_indptr, cell=(), *, stream=0):
+                     whr, whr_data, whr_indices, whr_indptr, cell, *, stream=0):
     """Forward recurrence of one layer and direction, one launch per kernel
     per step (see ``lstm_seq_forward_persistent`` for the one-launch form).
 
@@ -1000,7 +1000,7 @@ def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
 def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
                       dy, hs, cs, rs, lengths,
                       whh, whh_data_t, whh_indices_t, whh_indptr_t,
-                      whr, whr_data_t, whr_indices_t, whr_indptr_t, cell=(), *, stream=0):
+                      whr, whr_data_t, whr_indices_t, whr_indptr_t, cell, *, stream=0):
     """Backward recurrence (BPTT) of one layer and direction.
 
     Shapes and ``cell`` as the CPU's: dh (B, O), dc (B, H) hold dh_n, dc_n on entry and
@@ -1077,7 +1077,7 @@ _BARRIER = {}
 
 def lstm_seq_forward_persistent(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
                                 whh, whh_data, whh_indices, whh_indptr,
-                                whr, whr_data, whr_indices, whr_indptr,
+                                whr, whr_data, whr_indices, whr_indptr, cell,
                                 *, barrier=None, stream=0):
     """``lstm_seq_forward`` in a single launch: a persistent kernel walks all T
     steps, the blocks meeting at a grid barrier after each step (and after the
@@ -1086,8 +1086,8 @@ def lstm_seq_forward_persistent(hs, cs, gates, rs, scratch, lengths, bias_ih, bi
 
     Arguments and results are those of ``lstm_seq_forward`` (``scratch`` is
     not used). W_hh and W_hr may be dense or CSR (int32 or uint16 indices);
-    other kinds, or a batch whose state does not fit in shared memory, fall
-    back to ``lstm_seq_forward`` with the same results.
+    other kinds, a variant ``cell``, or a batch whose state does not fit in
+    shared memory, fall back to ``lstm_seq_forward`` with the same results.
 
     Grid and residency. Block k owns ceil(H / blocks) hidden units, i.e. their
     four gate rows of W_hh; a group of threads reduces each (row, batch) dot
@@ -1106,7 +1106,7 @@ def lstm_seq_forward_persistent(hs, cs, gates, rs, scratch, lengths, bias_ih, bi
 
     Parameters
     ----------
-    hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh, whh..., whr...
+    hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh, whh..., whr..., cell
         As ``lstm_seq_forward``.
     barrier : device array (1,) int32, optional
         The barrier counter, zeroed here on ``stream``; by default one counter
@@ -1134,8 +1134,9 @@ def lstm_seq_forward_persistent(hs, cs, gates, rs, scratch, lengths, bias_ih, bi
     if projected:
         kinds.append(_weight_kind(dtype, args[12], args[13], args[14]))
     state_bytes = (B * H + threads) * itemsize
-    if "bsr" in kinds or state_bytes > config.CUDA_SHARED_BYTES or gates.shape[0] == 0:
-        lstm_seq_forward(*args, stream=stream)
+    if "bsr" in kinds or state_bytes > config.CUDA_SHARED_BYTES or gates.shape[0] == 0 \
+            or len(cell) > 0:
+        lstm_seq_forward(*args, cell, stream=stream)
         return dict(persistent=False, blocks=0, units=0, punits=0, lanes=0, resident=False,
                     shared=0)
     dense = kinds[0] == "dense"

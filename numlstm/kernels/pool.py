@@ -85,7 +85,7 @@ def make_pool_plan(hs, cs, wh, wc, x, xw, out, sids, live, mark, tick, small_bel
 
     ``small`` binds the weights' per-step execution layouts, used for a chunk
     of fewer than ``small_below`` rows (``config.STEP_MAX_B``), ``large``
-    their stored arrays, used from there on: the choice ``LSTM._step_args``
+    their stored arrays, used from there on: the choice ``LSTM.step_args``
     makes for a stream of that batch, so a chunk of m rows computes exactly
     what ``Stream(B=m)`` computes.
     """
