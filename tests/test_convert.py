@@ -365,17 +365,15 @@ def test_from_onnx_single_node_matches_onnxruntime(D, layout, weights_as, bias):
     assert_outputs((y, h, c), (concat_directions(Y), Y_h, Y_c))
 
 
-def test_from_onnx_reverse_needs_allow_reverse_and_flipped_input():
+def test_from_onnx_reverse_is_a_reverse_model():
     pytest.importorskip("onnx")
     proto = lstm_graph(direction="reverse")
-    with pytest.raises(ValueError, match=r"LSTM node 'lstm': direction='reverse' is not "
-                                         r"supported.*allow_reverse=True"):
-        convert.from_onnx(proto)
-    model = convert.from_onnx(proto, allow_reverse=True)
+    model = convert.from_onnx(proto)
+    assert model.reverse and not model.bidirectional
     x = np.random.default_rng(2).standard_normal((5, 2, 3)).astype(np.float32)
     Y, Y_h, Y_c = ort_session(proto).run(None, dict(X=x))
-    y, (h, c) = model(np.ascontiguousarray(x[::-1]))
-    assert_outputs((y[::-1], h, c), (Y[:, 0], Y_h, Y_c))
+    y, (h, c) = model(x)
+    assert_outputs((y, h, c), (Y[:, 0], Y_h, Y_c))
 
 
 def test_from_onnx_unchained_nodes_give_a_list():
@@ -404,11 +402,8 @@ def test_from_onnx_unchained_nodes_give_a_list():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(extra_inputs=("", "", "", "P")), r"LSTM node 'lstm': input P \(peepholes"),
-    (dict(clip=3.0), r"LSTM node 'lstm': attribute clip=3.0 is not supported"),
-    (dict(input_forget=1), r"LSTM node 'lstm': attribute input_forget=1 is not supported"),
-    (dict(activations=["Sigmoid", "Relu", "Tanh"]),
-     r"attribute activations must be \['Sigmoid', 'Tanh', 'Tanh'\].*got \['Sigmoid', 'Relu'"),
+    (dict(activations=["Sigmoid", "Softsign", "Tanh"]),
+     r"LSTM node 'lstm': activation 'Softsign' is not supported"),
     (dict(weights_as="graph_input"), r"input W \('W'\) must be an initializer or the output"),
 ])
 def test_from_onnx_rejects_what_numlstm_cannot_compute(kwargs, match):

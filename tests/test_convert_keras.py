@@ -144,17 +144,52 @@ def test_keras_bidirectional_concat_matches_keras(keras):
     np.testing.assert_allclose(c, np.stack([cf, cb]), **TOL)
 
 
-def test_keras_go_backwards_via_weights_and_reversed_input(keras):
+def test_keras_go_backwards_is_a_reverse_model(keras):
+    """Keras returns a go_backwards layer's outputs in its own (reversed) order."""
     keras.utils.set_random_seed(2)
     layer = keras.layers.LSTM(3, go_backwards=True, return_sequences=True, return_state=True)
     x = np.random.default_rng(2).standard_normal((2, 4, 3)).astype(np.float32)
-    y_k, h_k, _ = keras_run(layer, x)
-    with pytest.raises(ValueError, match=r"go_backwards=True is not supported.*x\[:, ::-1\]"):
-        convert.from_keras(layer)
-    model = convert.from_keras(layer.get_weights())
-    y, (h, _) = model(np.ascontiguousarray(x[:, ::-1]))
-    np.testing.assert_allclose(y, y_k, **TOL)
+    y_k, h_k, c_k = keras_run(layer, x)
+    model = convert.from_keras(layer)
+    assert model.reverse
+    y, (h, c) = model(x)
+    np.testing.assert_allclose(y[:, ::-1], y_k, **TOL)
     np.testing.assert_allclose(h[0], h_k, **TOL)
+    np.testing.assert_allclose(c[0], c_k, **TOL)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(activation="relu"),
+    dict(recurrent_activation="hard_sigmoid"),
+    dict(activation="relu", recurrent_activation="hard_sigmoid", go_backwards=True),
+    dict(activation="linear", recurrent_activation="sigmoid"),
+])
+def test_keras_activations_match_keras(keras, kw):
+    keras.utils.set_random_seed(3)
+    layer = keras.layers.LSTM(4, return_sequences=True, return_state=True,
+                              bias_initializer="random_normal", **kw)
+    x = np.random.default_rng(3).standard_normal((2, 5, 3)).astype(np.float32)
+    y_k, h_k, c_k = keras_run(layer, x)
+    model = convert.from_keras(layer)
+    y, (h, c) = model(x)
+    if kw.get("go_backwards"):
+        y = y[:, ::-1]
+    scale = max(1.0, float(np.abs(y_k).max()), float(np.abs(c_k).max()))
+    tol = dict(rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(y, y_k, **tol)
+    np.testing.assert_allclose(h[0], h_k, **tol)
+    np.testing.assert_allclose(c[0], c_k, **tol)
+
+
+def test_keras_bidirectional_with_other_activations(keras):
+    keras.utils.set_random_seed(4)
+    layer = keras.layers.Bidirectional(
+        keras.layers.LSTM(3, activation="relu", return_sequences=True,
+                          bias_initializer="random_normal"), merge_mode="concat")
+    x = np.random.default_rng(4).standard_normal((2, 5, 2)).astype(np.float32)
+    y_k = np.asarray(layer(x).detach().cpu())
+    model = convert.from_keras(layer)
+    np.testing.assert_allclose(model(x)[0], y_k, rtol=1e-5, atol=1e-5 * max(1, np.abs(y_k).max()))
 
 
 def test_keras_rejects_what_changes_the_math(keras):
@@ -162,11 +197,10 @@ def test_keras_rejects_what_changes_the_math(keras):
         layer(np.zeros((1, 2, I), np.float32))
         return layer
 
-    with pytest.raises(ValueError, match=r"activation must be 'tanh' .* got 'relu'"):
-        convert.from_keras(built(keras.layers.LSTM(3, activation="relu")))
-    with pytest.raises(ValueError, match=r"recurrent_activation must be 'sigmoid' .* got "
-                                         r"'hard_sigmoid'"):
-        convert.from_keras(built(keras.layers.LSTM(3, recurrent_activation="hard_sigmoid")))
+    with pytest.raises(ValueError, match=r"activation='gelu' is not supported"):
+        convert.from_keras(built(keras.layers.LSTM(3, activation="gelu")))
+    with pytest.raises(ValueError, match=r"recurrent_activation='softsign' is not supported"):
+        convert.from_keras(built(keras.layers.LSTM(3, recurrent_activation="softsign")))
     with pytest.raises(ValueError, match=r"merge_mode must be 'concat' .* got 'sum'"):
         convert.from_keras(built(keras.layers.Bidirectional(keras.layers.LSTM(3),
                                                              merge_mode="sum")))

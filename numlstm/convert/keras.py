@@ -12,9 +12,16 @@ never imported here: a layer is read through ``get_config()`` and
 ``get_weights()``.
 """
 
+import sys
+
 import numpy as np
 
 from numlstm.convert._common import check_dtype
+
+# Keras activation name -> numlstm spec. Keras 3's hard_sigmoid is
+# relu6(x + 3) / 6 (slope 1/6); Keras 2's was 0.2 x + 0.5.
+_KERAS_ACTIVATIONS = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu",
+                      "linear": ("affine", 1.0, 0.0)}
 
 
 def _activation_name(value):
@@ -31,20 +38,28 @@ def _activation_name(value):
     return getattr(value, "__name__", repr(value))
 
 
+def _keras_activation(value, key, where):
+    """numlstm's spec of a Keras activation (a name, a function or its
+    serialized form); ValueError for one numlstm's cell does not have."""
+    name = _activation_name(value)
+    if name == "hard_sigmoid":
+        keras = sys.modules.get("keras")
+        version = getattr(keras, "__version__", "3")
+        return ("hard_sigmoid", 0.2 if version.split(".")[0] in ("1", "2") else 1 / 6, 0.5)
+    if name not in _KERAS_ACTIVATIONS:
+        raise ValueError(f"{where}: {key}={name!r} is not supported: numlstm's cells take "
+                         f"{sorted(_KERAS_ACTIVATIONS) + ['hard_sigmoid']}")
+    return _KERAS_ACTIVATIONS[name]
+
+
 def _check_config(cfg, where):
-    """Reject the options that change the math; return time_major."""
-    for key, want in (("activation", "tanh"), ("recurrent_activation", "sigmoid")):
-        got = _activation_name(cfg.get(key, want))
-        if got != want:
-            raise ValueError(f"{where}: {key} must be {want!r} (numlstm's kernels have "
-                             f"fixed gate nonlinearities), got {got!r}")
-    if cfg.get("go_backwards", False):
-        raise ValueError(
-            f"{where}: go_backwards=True is not supported (numlstm has no reverse-only "
-            "layer). The same recurrence runs forward over the input reversed in time: "
-            "convert layer.get_weights() and feed x[:, ::-1]; the outputs then come "
-            "in Keras' (reversed) order")
-    return bool(cfg.get("time_major", False))
+    """The options that change the math, checked: (time_major, go_backwards,
+    activations (f, g, h) for numlstm's cell)."""
+    f = _keras_activation(cfg.get("recurrent_activation", "sigmoid"), "recurrent_activation",
+                          where)
+    g = _keras_activation(cfg.get("activation", "tanh"), "activation", where)
+    return (bool(cfg.get("time_major", False)), bool(cfg.get("go_backwards", False)),
+            (f, g, g))
 
 
 def _convert_weights(weights, argname, dtype):
@@ -100,8 +115,13 @@ def from_keras(layer_or_weights, *, dtype=np.float32, batch_first=None):
         Default True: Keras takes (B, T, I) batches (False for a Keras 2
         layer with ``time_major=True``).
 
-    What maps: ``units``; ``use_bias``; ``activation='tanh'`` and
-    ``recurrent_activation='sigmoid'`` (the only ones accepted);
+    What maps: ``units``; ``use_bias``; ``recurrent_activation`` (the i, f,
+    o gates) and ``activation`` (the cell input and output): "sigmoid",
+    "tanh", "relu", "hard_sigmoid" (Keras 3's relu6(x + 3) / 6, Keras 2's
+    0.2 x + 0.5) and "linear", as numlstm's ``activations``;
+    ``go_backwards=True`` -> ``reverse=True`` (Keras returns that layer's
+    outputs in its own, reversed, order: its ``y[:, k]`` is numlstm's
+    ``y[:, T - 1 - k]``; masked Keras inputs are not mapped);
     ``Bidirectional(LSTM(...), merge_mode='concat')`` -> ``bidirectional=True``.
     Options with nothing to map for converted weights are accepted and
     ignored: initializers (``unit_forget_bias`` included), regularizers,
@@ -114,9 +134,9 @@ def from_keras(layer_or_weights, *, dtype=np.float32, batch_first=None):
     (Keras' padded outputs repeat the last valid output unless
     ``zero_output_for_mask``; numlstm's are zero).
 
-    Rejected (ValueError): other activations, ``go_backwards=True`` (feed the
-    input reversed in time to a model converted from ``get_weights()``
-    instead), Bidirectional merge modes other than 'concat', other layer types.
+    Rejected (ValueError): other activations, Bidirectional merge modes other
+    than 'concat' or whose two layers differ in activations, other layer
+    types.
     """
     from numlstm.lstm import LSTM
 
@@ -153,9 +173,13 @@ def from_keras(layer_or_weights, *, dtype=np.float32, batch_first=None):
         if not bcfg.get("go_backwards", False):
             raise ValueError("layer_or_weights: the Bidirectional backward layer must have "
                              "go_backwards=True")
-        bcfg["go_backwards"] = False  # the reverse direction is numlstm's own
-        time_major = _check_config(fcfg, "Bidirectional forward_layer")
-        _check_config(bcfg, "Bidirectional backward_layer")
+        time_major, _, activations = _check_config(fcfg, "Bidirectional forward_layer")
+        _, _, back_activations = _check_config(bcfg, "Bidirectional backward_layer")
+        if back_activations != activations:
+            raise ValueError("layer_or_weights: Bidirectional directions must use the same "
+                             "activations (a numlstm model's cell options are shared by its "
+                             f"directions), got {activations} and {back_activations}")
+        reverse = False  # the backward layer is numlstm's reverse direction
         I, U, pf, bias = _convert_weights(fwd.get_weights(), "forward_layer.get_weights()",
                                           dtype)
         I2, U2, pb, bias2 = _convert_weights(bwd.get_weights(),
@@ -168,7 +192,8 @@ def from_keras(layer_or_weights, *, dtype=np.float32, batch_first=None):
         state.update({f"{k}_l0_reverse": v for k, v in pb.items()})
         bidirectional = True
     elif kind == "LSTM":
-        time_major = _check_config(layer.get_config(), "layer_or_weights (Keras LSTM)")
+        time_major, reverse, activations = _check_config(layer.get_config(),
+                                                         "layer_or_weights (Keras LSTM)")
         I, U, params, bias = _convert_weights(layer.get_weights(), "layer.get_weights()",
                                               dtype)
         state = {f"{k}_l0": v for k, v in params.items()}
@@ -179,6 +204,6 @@ def from_keras(layer_or_weights, *, dtype=np.float32, batch_first=None):
     if batch_first is None:
         batch_first = not time_major
     model = LSTM(I, U, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
-                 dtype=dtype)
+                 dtype=dtype, reverse=reverse, activations=activations)
     model.load_state_dict(state)
     return model

@@ -12,12 +12,19 @@ import os
 
 import numpy as np
 
+from numlstm.cell import ACTIVATIONS, Cell
 from numlstm.convert._common import check_dtype, check_model, dense_state
 
 _FROM_ONNX = [0, 2, 3, 1]  # ours (i, f, g, o) <- ONNX (i, o, f, c)
 _TO_ONNX = [0, 3, 1, 2]  # ONNX (i, o, f, c) <- ours (i, f, g, o)
 _GLUE = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
-_DEFAULT_ACTIVATIONS = ["sigmoid", "tanh", "tanh"]
+_DEFAULT_ACTIVATIONS = ["Sigmoid", "Tanh", "Tanh"]
+# ONNX activation names that take alpha / beta (in activation_alpha / _beta,
+# consumed in order by the activations that take them, as ONNX Runtime does).
+_TAKES_ALPHA = {"affine", "hardsigmoid", "leakyrelu", "thresholdedrelu", "scaledtanh", "elu"}
+_TAKES_BETA = {"affine", "hardsigmoid", "scaledtanh"}
+_TO_ONNX_NAMES = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu",
+                  "hard_sigmoid": "HardSigmoid", "affine": "Affine"}
 
 
 def _gates(a, H, order, dtype=None):
@@ -56,10 +63,39 @@ def _constants(graph):
     return out
 
 
+def _activations(attrs, D, where):
+    """The node's (f, g, h) as numlstm activation specs (name, alpha, beta):
+    ONNX's names, with ``activation_alpha`` / ``activation_beta`` consumed in
+    order by the activations that take them (ONNX Runtime's reading)."""
+    names = attrs.get("activations", _DEFAULT_ACTIVATIONS * D)
+    if len(names) != 3 * D:
+        raise ValueError(f"{where}: attribute activations must list 3 per direction "
+                         f"({3 * D}), got {names}")
+    alphas = list(attrs.get("activation_alpha", []))
+    betas = list(attrs.get("activation_beta", []))
+    specs = []
+    for name in names:
+        key = name.lower()
+        alpha = alphas.pop(0) if key in _TAKES_ALPHA and alphas else None
+        beta = betas.pop(0) if key in _TAKES_BETA and betas else None
+        canon = {"hardsigmoid": "hard_sigmoid"}.get(key, key)
+        if canon not in ACTIVATIONS:
+            raise ValueError(f"{where}: activation {name!r} is not supported: numlstm's "
+                             "cells take Sigmoid, Tanh, Relu, HardSigmoid and Affine")
+        _, a0, b0 = ACTIVATIONS[canon]
+        specs.append((canon, a0 if alpha is None else float(alpha),
+                      b0 if beta is None else float(beta)))
+    if D == 2 and specs[:3] != specs[3:]:
+        raise ValueError(f"{where}: the two directions use different activations "
+                         f"({names}); a numlstm model's cell options are shared by its "
+                         "directions")
+    return tuple(specs[:3])
+
+
 class _Node:
     """One ONNX LSTM node, checked and converted to numlstm's layout."""
 
-    def __init__(self, node, index, consts, allow_reverse, dtype):
+    def __init__(self, node, index, consts, dtype):
         from onnx import helper
 
         self.node = node
@@ -74,34 +110,24 @@ class _Node:
                 v = [s.decode() for s in v]
             attrs[a.name] = v
         inputs = list(node.input) + [""] * (8 - len(node.input))
-        if inputs[7]:
-            raise ValueError(f"{where}: input P (peepholes, {inputs[7]!r}) is not supported: "
-                             "numlstm's cell has no peephole connections")
-        if "clip" in attrs:
-            raise ValueError(f"{where}: attribute clip={attrs['clip']} is not supported: "
-                             "numlstm does not clip the gate pre-activations")
-        if attrs.get("input_forget", 0):
-            raise ValueError(f"{where}: attribute input_forget={attrs['input_forget']} is not "
-                             "supported: numlstm's input and forget gates are independent "
-                             "(expected 0)")
         direction = attrs.get("direction", "forward")
         if direction not in ("forward", "reverse", "bidirectional"):
             raise ValueError(f"{where}: attribute direction must be 'forward', 'reverse' or "
                              f"'bidirectional', got {direction!r}")
-        if direction == "reverse" and not allow_reverse:
-            raise ValueError(
-                f"{where}: direction='reverse' is not supported: numlstm has no reverse-only "
-                "layer. Pass allow_reverse=True to get the forward model of the same "
-                "weights, then feed it each sequence reversed in time (within its length) "
-                "and reverse its y back")
         self.reverse = direction == "reverse"
         D = 2 if direction == "bidirectional" else 1
-        if "activations" in attrs:
-            acts = [a.lower() for a in attrs["activations"]]
-            if acts != _DEFAULT_ACTIVATIONS * D:
-                raise ValueError(f"{where}: attribute activations must be "
-                                 f"{['Sigmoid', 'Tanh', 'Tanh'] * D} (numlstm's gate "
-                                 f"nonlinearities are fixed), got {attrs['activations']}")
+        input_forget = attrs.get("input_forget", 0)
+        if input_forget not in (0, 1):
+            raise ValueError(f"{where}: attribute input_forget must be 0 or 1, got "
+                             f"{input_forget!r}")
+        clip = attrs.get("clip")
+        self.options = {"clip": None if clip is None else float(clip),
+                        "input_forget": bool(input_forget),
+                        "activations": _activations(attrs, D, where)}
+        try:  # numlstm's own checks, with the node named
+            Cell(**self.options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
         layout = attrs.get("layout", 0)
         if layout not in (0, 1):
             raise ValueError(f"{where}: attribute layout must be 0 or 1, got {layout}")
@@ -132,6 +158,14 @@ class _Node:
         if Bt is not None and Bt.shape != (D, 8 * H):
             raise ValueError(f"{where}: input B must have shape ({D}, {8 * H}) for "
                              f"hidden_size={H}, got {Bt.shape}")
+        Pt = const(7, "P") if inputs[7] else None
+        if Pt is not None and Pt.shape != (D, 3 * H):
+            raise ValueError(f"{where}: input P must have shape ({D}, {3 * H}) for "
+                             f"hidden_size={H}, got {Pt.shape}")
+        self.options["peepholes"] = Pt is not None
+        # ONNX's P holds p_i, p_o, p_f; numlstm's peephole rows are p_i, p_f, p_o.
+        self.peepholes = [] if Pt is None else [
+            np.ascontiguousarray(Pt[d].reshape(3, H)[[0, 2, 1]], dtype) for d in range(D)]
         self.D, self.H, self.I, self.layout = D, H, Wt.shape[2], layout
         self.has_bias = Bt is not None
         self.seq_lens = inputs[4]
@@ -226,22 +260,20 @@ def _successor(a, nodes, consumers, consts):
         return None
     target, glue = found[0]
     b = nodes.get(id(target))
-    if b is None or a.reverse or b.reverse:
-        return None
+    if b is None or (a.reverse, a.options) != (b.reverse, b.options):
+        return None  # one model shares its direction and cell options across layers
     if (b.D, b.H, b.I, b.layout, b.seq_lens) != (a.D, a.H, a.D * a.H, a.layout, a.seq_lens):
         return None
     return b if _chains_to(a, b, glue, consts) else None
 
 
-def from_onnx(model_or_path, *, dtype=np.float32, allow_reverse=False, batch_first=None):
+def from_onnx(model_or_path, *, dtype=np.float32, batch_first=None):
     """numlstm.LSTM model(s) with the weights of every ONNX ``LSTM`` node.
 
     Parameters
     ----------
     model_or_path : onnx.ModelProto, path, or bytes
     dtype : np.float32 or np.float64
-    allow_reverse : bool
-        See ``direction`` below.
     batch_first : bool, optional
         Default: from the nodes' ``layout``. Transposes that a graph applies
         around its LSTM nodes (torch.onnx.export of a ``batch_first`` LSTM
@@ -256,7 +288,8 @@ def from_onnx(model_or_path, *, dtype=np.float32, allow_reverse=False, batch_fir
         Identity / Dropout, which is how torch.onnx.export writes a multi-layer
         or bidirectional nn.LSTM; the glue is checked to concatenate the
         directions as a stacked LSTM does, the sizes must match and the
-        nodes share ``sequence_lens``) become one multi-layer model. One
+        nodes share ``sequence_lens``, direction and cell options) become one
+        multi-layer model. One
         chain gives one model; several give a list, in graph order. LSTM
         nodes in subgraphs (If / Loop / Scan bodies) are not searched.
 
@@ -264,24 +297,25 @@ def from_onnx(model_or_path, *, dtype=np.float32, allow_reverse=False, batch_fir
     ---------
     - W, R, B (initializers or Constant node outputs; B absent = zeros):
       gate order i, o, f, c -> i, f, g, o; Wb -> ``bias_ih``, Rb -> ``bias_hh``.
-    - ``direction``: 'forward' and 'bidirectional' (-> ``bidirectional=True``).
-      'reverse' (one direction, backwards in time) has no numlstm layer:
-      rejected unless ``allow_reverse=True``, which returns the forward model of
-      the same weights: the caller must then reverse each sequence in time
-      (within its length) before it and reverse ``y`` after it. Such a node
-      never chains.
+    - ``direction``: 'forward', 'reverse' (-> ``reverse=True``) and
+      'bidirectional' (-> ``bidirectional=True``).
     - ``layout`` 0 -> ``batch_first=False``, 1 -> ``batch_first=True``.
-    - ``hidden_size``; ``activations`` only when it is the default
-      ['Sigmoid', 'Tanh', 'Tanh'] per direction.
+    - ``hidden_size``; the cell options (``numlstm.cell``): input P ->
+      ``peepholes=True`` and the ``peephole_l{k}`` parameters (ONNX's rows i,
+      o, f become rows i, f, o), ``clip``, ``input_forget``, and
+      ``activations`` (Sigmoid, Tanh, Relu, HardSigmoid and Affine, with
+      ``activation_alpha`` / ``activation_beta``), the same for every
+      direction.
     - Runtime inputs are not part of the model: ``sequence_lens`` is
       ``forward``'s ``lengths``; ``initial_h`` / ``initial_c`` (D, B, H) of
       chained node k are rows [k*D, (k+1)*D) of ``state`` (D*L, B, H) (layout 1
       stores them (B, D, H)). Y (T, D, B, H) is ``y`` (T, B, D*H) with the
       directions split; Y_h / Y_c are ``h_n`` / ``c_n``.
 
-    Rejected with ValueError naming the node and the input or attribute
-    (numlstm's kernels have none of these): peepholes (input P), ``clip``,
-    ``input_forget=1``, other ``activations``, W / R / B computed at run time.
+    Rejected with ValueError naming the node and the input or attribute:
+    other activations (LeakyRelu, ThresholdedRelu, ScaledTanh, Elu, Softsign,
+    Softplus), activations that differ between the two directions, W / R /
+    B / P computed at run time.
     """
     from numlstm.lstm import LSTM
 
@@ -292,7 +326,7 @@ def from_onnx(model_or_path, *, dtype=np.float32, allow_reverse=False, batch_fir
     if not lstm_nodes:
         raise ValueError("model_or_path must contain an ONNX LSTM node, got none among "
                          f"{len(graph.node)} nodes")
-    parsed = [_Node(n, k, consts, allow_reverse, dtype) for k, n in enumerate(lstm_nodes)]
+    parsed = [_Node(n, k, consts, dtype) for k, n in enumerate(lstm_nodes)]
     nodes = {id(p.node): p for p in parsed}
     consumers = {}
     for node in graph.node:
@@ -316,15 +350,39 @@ def from_onnx(model_or_path, *, dtype=np.float32, allow_reverse=False, batch_fir
                 state["weight_hh" + sfx] = w_hh
                 state["bias_ih" + sfx] = b_ih
                 state["bias_hh" + sfx] = b_hh
+            for d, peep in enumerate(p.peepholes):
+                state[f"peephole_l{l}" + ("_reverse" if d else "")] = peep
         bias = any(p.has_bias for p in chain)
         if not bias:
             state = {k: v for k, v in state.items() if not k.startswith("bias")}
         bf = head.layout == 1 if batch_first is None else batch_first
         model = LSTM(head.I, head.H, len(chain), bias=bias, batch_first=bf,
-                     bidirectional=head.D == 2, dtype=dtype)
+                     bidirectional=head.D == 2, dtype=dtype, reverse=head.reverse,
+                     **head.options)
         model.load_state_dict(state)
         models.append(model)
     return models[0] if len(models) == 1 else models
+
+
+def _cell_attributes(cell, D):
+    """The LSTM node attributes of a model's cell options (none for the plain cell)."""
+    attrs = {}
+    if cell.clip is not None:
+        attrs["clip"] = cell.clip
+    if cell.input_forget:
+        attrs["input_forget"] = 1
+    if cell.activations != Cell().activations:
+        names, alphas, betas = [], [], []
+        for name, a, b in cell.activations:
+            names.append(_TO_ONNX_NAMES[name])
+            if name in ("hard_sigmoid", "affine"):
+                alphas.append(a)
+                betas.append(b)
+        attrs["activations"] = names * D
+        if alphas:
+            attrs["activation_alpha"] = alphas * D
+            attrs["activation_beta"] = betas * D
+    return attrs
 
 
 def to_onnx(model, path=None, *, opset=17, sequence_lens=False, initial_state=False,
@@ -332,7 +390,9 @@ def to_onnx(model, path=None, *, opset=17, sequence_lens=False, initial_state=Fa
     """Export ``model`` as an ONNX graph of standard ``LSTM`` nodes.
 
     One LSTM node per layer (layout 0, gate order i, o, f, c, B = [bias_ih,
-    bias_hh] or absent without bias) with Transpose + Reshape glue that
+    bias_hh] or absent without bias; ``direction`` "reverse" for a reverse
+    model; the cell options as P, ``clip``, ``input_forget``, ``activations``
+    with their alphas and betas) with Transpose + Reshape glue that
     concatenates the directions of Y (T, D, B, H) into the next layer's input
     (T, B, D*H), as torch.onnx.export writes it; ``batch_first`` adds a
     Transpose at each end. Sparse and quantized weights are written dense.
@@ -383,6 +443,8 @@ def to_onnx(model, path=None, *, opset=17, sequence_lens=False, initial_state=Fa
         inputs += [helper.make_tensor_value_info("h0", elem, [D * L, "B", H]),
                    helper.make_tensor_value_info("c0", elem, [D * L, "B", H])]
     inits, nodes = [], []
+    direction = "bidirectional" if D == 2 else ("reverse" if model.reverse else "forward")
+    cell_attrs = _cell_attributes(model.cell, D)
 
     def init(name, arr):
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
@@ -417,12 +479,16 @@ def to_onnx(model, path=None, *, opset=17, sequence_lens=False, initial_state=Fa
                 nodes.append(helper.make_node(
                     "Slice", [src, f"slice_start_l{l}", f"slice_end_l{l}", "slice_axes"],
                     [dst]))
-        node_inputs = [cur, Wn, Rn, Bn, "sequence_lens" if sequence_lens else "", ih, ic]
+        Pn = ""
+        if model.cell.peepholes:  # numlstm's rows i, f, o -> ONNX's i, o, f
+            Pn = init(f"P_l{l}", np.stack([state["peephole" + s][[0, 2, 1]].ravel()
+                                           for s in sfx]).astype(dt))
+        node_inputs = [cur, Wn, Rn, Bn, "sequence_lens" if sequence_lens else "", ih, ic, Pn]
         while node_inputs[-1] == "":
             node_inputs.pop()
         nodes.append(helper.make_node(
             "LSTM", node_inputs, [f"Y_l{l}", f"Y_h_l{l}", f"Y_c_l{l}"], name=f"lstm_l{l}",
-            hidden_size=H, direction="bidirectional" if D == 2 else "forward"))
+            hidden_size=H, direction=direction, **cell_attrs))
         last = l == L - 1
         nodes.append(helper.make_node("Transpose", [f"Y_l{l}"], [f"Y_tbdh_l{l}"],
                                       perm=[0, 2, 1, 3]))
