@@ -1,6 +1,8 @@
 """Shared test helpers: build a model and inputs from a Config, compare results."""
 
+import numba
 import numpy as np
+import pytest
 import scipy.sparse as sp
 from strategies import sparsify
 
@@ -40,3 +42,16 @@ def assert_grads_match(m, ref_grads, tol):
             np.testing.assert_allclose(g.toarray(), expected, err_msg=name, **tol)
         else:
             np.testing.assert_allclose(g, expected, err_msg=name, **tol)
+
+
+def cuda_or_skip():
+    """``numba.cuda``, or skip the test: no CUDA target, or neither a GPU nor
+    the simulator (``NUMBA_ENABLE_CUDASIM=1`` before Python starts)."""
+    try:
+        from numba import cuda
+    except ImportError as exc:
+        pytest.skip(f"numba's CUDA target is not installed ({exc})")
+    if not (numba.config.ENABLE_CUDASIM or cuda.is_available()):
+        pytest.skip("no CUDA GPU, and the CUDA simulator is off (set NUMBA_ENABLE_CUDASIM=1 "
+                    "before Python starts, e.g. `tox -e cudasim`)")
+    return cuda

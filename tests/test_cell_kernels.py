@@ -10,6 +10,7 @@ import numba
 import numpy as np
 import pytest
 import reference
+from helpers import cuda_or_skip
 
 from numlstm import weights as W
 from numlstm.kernels import cpu as K
@@ -161,24 +162,13 @@ def test_step_kernel_takes_the_variant_cell():
     np.testing.assert_allclose(c, fwd["cs"][1], rtol=1e-13, atol=1e-13)
 
 
-def _cuda_or_skip():
-    try:
-        from numba import cuda
-    except ImportError as exc:
-        pytest.skip(f"numba's CUDA target is not installed ({exc})")
-    if not (numba.config.ENABLE_CUDASIM or cuda.is_available()):
-        pytest.skip("no CUDA GPU, and the CUDA simulator is off (set NUMBA_ENABLE_CUDASIM=1 "
-                    "before Python starts, e.g. `tox -e cudasim`)")
-    from numlstm.kernels import cuda as C
-    return C
-
-
 @pytest.mark.parametrize("activations, clip, input_forget, peepholes, P",
                          [VARIANTS[0], VARIANTS[4]])
 def test_cuda_variant_cell_matches_the_cpu(activations, clip, input_forget, peepholes, P,
                                            monkeypatch):
-    C = _cuda_or_skip()
+    cuda_or_skip()
     from numlstm import config
+    from numlstm.kernels import cuda as C
 
     if numba.config.ENABLE_CUDASIM:  # small launches: every grid-stride loop runs twice
         monkeypatch.setattr(config, "CUDA_THREADS_PER_BLOCK", 8)

@@ -5,11 +5,10 @@ pools, files and device runs."""
 
 import json
 
-import numba
 import numpy as np
 import pytest
 import reference
-from helpers import assert_grads_match, ref_kwargs
+from helpers import assert_grads_match, cuda_or_skip, ref_kwargs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import configs, dense64, sparsify
@@ -164,13 +163,7 @@ def test_version_1_files_load_as_the_plain_cell(tmp_path):
 
 
 def test_variant_model_on_the_device_equals_the_cpu():
-    try:
-        from numba import cuda
-    except ImportError as exc:
-        pytest.skip(f"numba's CUDA target is not installed ({exc})")
-    if not (numba.config.ENABLE_CUDASIM or cuda.is_available()):
-        pytest.skip("no CUDA GPU, and the CUDA simulator is off (set NUMBA_ENABLE_CUDASIM=1 "
-                    "before Python starts, e.g. `tox -e cudasim`)")
+    cuda_or_skip()
     kw = dict(num_layers=1, reverse=True, peepholes=True, clip=2.0, input_forget=True,
               activations=("hard_sigmoid", "relu", "tanh"), dtype=np.float64, seed=4)
     cpu = numlstm.LSTM(2, 3, **kw)

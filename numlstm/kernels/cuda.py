@@ -252,6 +252,18 @@ def _build(ft):
     # Fused pointwise steps: one thread per (b, j)
     # ------------------------------------------------------------------
 
+    @_device
+    def pad_step(act, c_out, h_out, c_prev, h_prev, b, j, carry_h):
+        """A padded step of (b, j): activations zero, c carried, h_out carried
+        from h_prev when ``carry_h`` (no projection) else zero."""
+        H = c_out.shape[1]
+        act[b, j] = zero
+        act[b, H + j] = zero
+        act[b, 2 * H + j] = zero
+        act[b, 3 * H + j] = zero
+        c_out[b, j] = c_prev[b, j]
+        h_out[b, j] = h_prev[b, j] if carry_h else zero
+
     @cuda.jit
     def _cell_forward_kernel(c_out, h_out, act, c_prev, h_prev, rec, bias_ih, bias_hh,
                              lengths, t, carry_h):
@@ -287,12 +299,7 @@ def _build(ft):
             c_out[b, j] = c
             h_out[b, j] = o * math.tanh(c)
         else:
-            act[b, j] = zero
-            act[b, H + j] = zero
-            act[b, 2 * H + j] = zero
-            act[b, 3 * H + j] = zero
-            c_out[b, j] = c_prev[b, j]
-            h_out[b, j] = h_prev[b, j] if carry_h else zero
+            pad_step(act, c_out, h_out, c_prev, h_prev, b, j, carry_h)
 
     @cuda.jit
     def _cell_backward_kernel(act, dc, dr, c, c_prev, lengths, t):
@@ -400,12 +407,7 @@ def _build(ft):
             c_out[b, j] = c
             h_out[b, j] = o * activate(kh, params[4], params[5], c)
         else:
-            act[b, j] = zero
-            act[b, H + j] = zero
-            act[b, 2 * H + j] = zero
-            act[b, 3 * H + j] = zero
-            c_out[b, j] = c_prev[b, j]
-            h_out[b, j] = h_prev[b, j] if carry_h else zero
+            pad_step(act, c_out, h_out, c_prev, h_prev, b, j, carry_h)
 
     @cuda.jit
     def _variant_backward_kernel(act, dc, dr, c, c_prev, lengths, t, kinds, params, peep,
