@@ -10,8 +10,9 @@ kernels, or device arrays and ``@cuda.jit`` kernels. The model
 
 Glossary: T steps, B batch, I input features, H hidden, O = P or H, G = 4H,
 L layers, D directions, N = T*B. Semantics are torch.nn.LSTM's; the reverse
-direction of a bidirectional layer runs on a copy of its input reversed
-within each sequence's own length, so the kernels only walk forward in time.
+direction of a bidirectional layer (and the one direction of a ``reverse``
+model) runs on a copy of its input reversed within each sequence's own
+length, so the kernels only walk forward in time.
 """
 
 import numpy as np
