@@ -226,3 +226,40 @@ def test_finite_differences_on_the_model(opts):
             p[idx] = saved
             num = (up - down) / 2e-6
             assert abs(grads[name][idx] - num) <= 1e-6 * max(1.0, abs(num)), (name, idx)
+
+
+@pytest.mark.parametrize("storage", ["bsr", "float16", "int8"])
+def test_variant_cells_with_every_storage_kind(storage):
+    """BSR trains with the options; float16 / int8 CSR (inference only) run
+    them: forward (and for BSR every gradient) against the oracle on the
+    weights as stored."""
+    from numlstm import prune, quantize
+
+    opts = dict(peepholes=True, clip=1.5, input_forget=True,
+                activations=(("hard_sigmoid", 0.3, 0.45), "tanh", "relu"))
+    m = numlstm.LSTM(4, 8, num_layers=2, dtype=np.float32, seed=9, **opts)
+    if storage == "bsr":
+        prune.blocks(m, 0.5, block=(4, 2))
+    else:
+        prune.magnitude(m, 0.5, scope="per_row")
+        quantize.quantize(m, storage)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    lengths = np.array([6, 2, 4])
+    training = storage == "bsr"
+    y, (h, c) = m(x, lengths=lengths, training=training)
+    ry, rh, rc, cache = reference.lstm_forward(
+        dense64(m.state_dict()), x, hidden_size=8, num_layers=2, lengths=lengths,
+        **{k: v for k, v in opts.items() if k != "peepholes"})
+    for got, want, what in ((y, ry, "y"), (h, rh, "h_n"), (c, rc, "c_n")):
+        close(got, want, np.float32, what)
+    if training:
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx, _ = m.backward(dy)
+        rdx, _, _, rgrads = reference.lstm_backward(cache, dy)
+        close(dx, rdx, np.float32, "dx")
+        for name, g in m.grad.items():
+            g = g.toarray() if hasattr(g, "toarray") else g
+            want = rgrads[name] * (dense64(m.state_dict())[name] != 0) \
+                if name.startswith("weight") else rgrads[name]
+            close(g, want, np.float32, name)
