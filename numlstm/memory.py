@@ -197,8 +197,9 @@ def memory_report(model, seq_len, batch_size, training=False, checkpoint=None,
             parts = pool.memory_parts()
         else:
             parts = pool_memory(model, pool)
-        rows["stream pool states"] = parts["states"] + parts["index"]
-        rows["stream pool workspace"] = parts["workspace"]
+        states, workspace = POOL_ROWS
+        rows[states] = parts["states"] + parts["index"]
+        rows[workspace] = parts["workspace"]
     rows["total"] = sum(rows.values())
     case = {"seq_len": T, "batch_size": B, "training": training, "checkpoint": checkpoint,
             "segment": plan["segment"]}

@@ -532,8 +532,7 @@ def _cell_backward(act, dc, dr, c, c_prev):
 # the empty tuple for the plain LSTM, which keeps the code above (the choice
 # is made when numba types the call, so the plain path has no branch), or
 # ``(kinds, params, peep, dpeep)`` for a variant cell (``numlstm.cell``). It
-# has no default: numba 0.68 leaks ~200 bytes per Python call that omits a
-# defaulted argument of a kernel this long.
+# has no default, so that every caller says which cell it runs.
 #   kinds  (3,) int64: the activation codes of f (gates i, f, o), g, h;
 #   params (8,) model dtype: alpha, beta of f, g, h; clip (inf = none);
 #          input_forget (1 = f is 1 - i);
@@ -628,17 +627,17 @@ def _variant_backward(act, dc, dr, c, c_prev, kinds, params, peep, dpeep):
     for j in range(H):
         zi, zf, zg, zo = act[j], act[H + j], act[2 * H + j], act[3 * H + j]
         # The clip passes no gradient where it bites.
-        ki = 1 if abs(zi) <= clip else 0
-        kfg = 1 if abs(zf) <= clip else 0
-        kgg = 1 if abs(zg) <= clip else 0
-        ko = 1 if abs(zo) <= clip else 0
+        mi = 1 if abs(zi) <= clip else 0
+        mf = 1 if abs(zf) <= clip else 0
+        mg = 1 if abs(zg) <= clip else 0
+        mo = 1 if abs(zo) <= clip else 0
         zi, zf, zg, zo = _clip(zi, clip), _clip(zf, clip), _clip(zg, clip), _clip(zo, clip)
         i = _activate(kf, af, bf, zi)
         g = _activate(kg, ag, bg, zg)
         f = 1 - i if coupled else _activate(kf, af, bf, zf)
         o = _activate(kf, af, bf, zo)
         cj = c[j]
-        dzo = dr[j] * _activate(kh, ah, bh, cj) * _activate_grad(kf, af, bf, zo) * ko
+        dzo = dr[j] * _activate(kh, ah, bh, cj) * _activate_grad(kf, af, bf, zo) * mo
         dcc = dc[j] + dr[j] * o * _activate_grad(kh, ah, bh, cj)
         if peeped:
             dcc += dzo * peep[2, j]
@@ -647,11 +646,11 @@ def _variant_backward(act, dc, dr, c, c_prev, kinds, params, peep, dpeep):
         if coupled:  # f = 1 - i
             di -= df
             df = df * 0
-        dzi = di * _activate_grad(kf, af, bf, zi) * ki
-        dzf = df * _activate_grad(kf, af, bf, zf) * kfg
+        dzi = di * _activate_grad(kf, af, bf, zi) * mi
+        dzf = df * _activate_grad(kf, af, bf, zf) * mf
         act[j] = dzi
         act[H + j] = dzf
-        act[2 * H + j] = dcc * i * _activate_grad(kg, ag, bg, zg) * kgg
+        act[2 * H + j] = dcc * i * _activate_grad(kg, ag, bg, zg) * mg
         act[3 * H + j] = dzo
         dc[j] = dcc * f
         if peeped:

@@ -427,10 +427,10 @@ def _build(ft):
         af, bf, clip = params[0], params[1], params[6]
         zi, zf, zg, zo = act[b, j], act[b, H + j], act[b, 2 * H + j], act[b, 3 * H + j]
         # The clip passes no gradient where it bites.
-        ki = one if abs(zi) <= clip else zero
-        kfg = one if abs(zf) <= clip else zero
-        kgg = one if abs(zg) <= clip else zero
-        ko = one if abs(zo) <= clip else zero
+        mi = one if abs(zi) <= clip else zero
+        mf = one if abs(zf) <= clip else zero
+        mg = one if abs(zg) <= clip else zero
+        mo = one if abs(zo) <= clip else zero
         zi, zf, zg, zo = clip_to(zi, clip), clip_to(zf, clip), clip_to(zg, clip), clip_to(zo, clip)
         i = activate(kf, af, bf, zi)
         g = activate(kg, params[2], params[3], zg)
@@ -439,7 +439,7 @@ def _build(ft):
         o = activate(kf, af, bf, zo)
         cj = c[b, j]
         drj = dr[b, j]
-        dzo = drj * activate(kh, params[4], params[5], cj) * activate_grad(kf, af, bf, zo) * ko
+        dzo = drj * activate(kh, params[4], params[5], cj) * activate_grad(kf, af, bf, zo) * mo
         dcc = dc[b, j] + drj * o * activate_grad(kh, params[4], params[5], cj)
         peeped = peep.shape[0] > 0
         if peeped:
@@ -449,11 +449,11 @@ def _build(ft):
         if coupled:  # f = 1 - i
             di -= df
             df = zero
-        dzi = di * activate_grad(kf, af, bf, zi) * ki
-        dzf = df * activate_grad(kf, af, bf, zf) * kfg
+        dzi = di * activate_grad(kf, af, bf, zi) * mi
+        dzf = df * activate_grad(kf, af, bf, zf) * mf
         act[b, j] = dzi
         act[b, H + j] = dzf
-        act[b, 2 * H + j] = dcc * i * activate_grad(kg, params[2], params[3], zg) * kgg
+        act[b, 2 * H + j] = dcc * i * activate_grad(kg, params[2], params[3], zg) * mg
         act[b, 3 * H + j] = dzo
         dcj = dcc * f
         if peeped:
