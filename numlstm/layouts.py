@@ -84,7 +84,7 @@ def build(weight, forced=None):
     if "dense" in candidates:
         R, K = weight.shape
         nbytes["dense"] = R * K * weight.dtype.itemsize
-        est["dense"] = _dense_cost(weight, nbytes["dense"])
+        est["dense"] = dense_cost(weight.shape, weight.dtype.itemsize)
     if quantized:  # the layout replaces the stored arrays: it must not cost bytes
         stored = sum(a.nbytes for a in (weight.data, weight.indices, weight.indptr))
         limit = stored * (1 + config.QUANTIZED_LAYOUT_SLACK)
@@ -93,15 +93,17 @@ def build(weight, forced=None):
     return built[best] if best != "dense" else candidates["dense"]()
 
 
-def _costs():
+def step_costs():
+    """This CPU's ``config.STEP_COSTS`` (by its vector width)."""
     return config.STEP_COSTS["avx512" if SELL_LANES == 16 else "avx2"]
 
 
-def _dense_cost(weight, nbytes):
-    """Estimated ns of a product with one row of x through a dense copy."""
-    c = _costs()
-    R, K = weight.shape
-    return R * K * c["dense"] * (c["beyond_l2"] if nbytes > L2_BYTES else 1.0)
+def dense_cost(shape, itemsize):
+    """Estimated ns of a product with one row of x through a dense (R, K)
+    matrix of ``itemsize``-byte values."""
+    c = step_costs()
+    R, K = shape
+    return R * K * c["dense"] * (c["beyond_l2"] if R * K * itemsize > L2_BYTES else 1.0)
 
 
 def cost(weight, layout):
@@ -112,7 +114,7 @@ def cost(weight, layout):
     ratios. A layout larger than L2 is streamed from L3 at ``beyond_l2``
     times the cost.
     """
-    c = _costs()
+    c = step_costs()
     R = weight.shape[0]
     if layout is None:
         return weight.nnz * c["csr"] + R * c["row"]
@@ -122,14 +124,26 @@ def cost(weight, layout):
         return layout.data.size * c["window_lane"] * slow + windows * c["window"]
     if isinstance(layout, Sell):
         return layout.data.size * c["sell_lane"] * slow + layout.slices.shape[0] * c["slice"]
-    return _dense_cost(weight, layout.nbytes)
+    return dense_cost(weight.shape, weight.dtype.itemsize)
 
 
-def _order(lens, sigma):
-    """Rows by decreasing length within each window of sigma rows (stable)."""
+def halved(R, C):
+    """Whether a layout of R rows in slices of C splits into two halves by
+    hidden unit: the rows g*H + j with j < H/2 (H = R/4, any gate g) in the
+    first R/(2C) slices, the rest in the others, so that each of the two
+    threads of a batch-1 step (``numlstm.kernels.pair``) runs its own slices
+    and writes only its own units' rows."""
+    return R % 8 == 0 and (R // 2) % C == 0
+
+
+def _order(lens, sigma, C):
+    """Rows by decreasing length within each window of sigma rows (stable),
+    the first half of the hidden units' rows first where ``halved``."""
     R = lens.shape[0]
-    window = np.arange(R) // max(int(sigma), 1)
-    return np.lexsort((np.arange(R), -lens, window))
+    rows = np.arange(R)
+    window = rows // max(int(sigma), 1)
+    half = (rows % (R // 4) >= R // 8) if halved(R, C) else np.zeros(R, bool)
+    return np.lexsort((rows, -lens, window, half))
 
 
 def _bits(a):
@@ -159,7 +173,8 @@ class Sell:
         R, K = shape
         C = lanes
         lens = np.diff(indptr.astype(np.int64))
-        order = _order(lens, sigma or R)
+        order = _order(lens, sigma or R, C)
+        self.halves = halved(R, C)
         nslices = -(-R // C)
         rows = np.full(nslices * C, -1, np.int64)
         rows[:R] = order
@@ -229,7 +244,8 @@ class SellWindows:
         C, WW = lanes, WINDOW
         nwin = max(-(-K // WW), 1)
         lens = np.diff(indptr.astype(np.int64))
-        order = _order(lens, sigma or R)
+        order = _order(lens, sigma or R, C)
+        self.halves = halved(R, C)
         nslices = -(-R // C)
         slot = np.empty(R, np.int64)
         slot[order] = np.arange(R)

@@ -5,12 +5,13 @@ few buffers one step needs, all carved from one workspace block of the
 model's backend when it is made. ``step`` then makes one call for all layers
 and allocates nothing: on the CPU one compiled call with the arguments bound
 once in a ``numlstm.kernels.plan.StepPlan`` (docs/design.md, One call per
-stream step); on the GPU one ``lstm_step`` launch per layer.
+stream step), on two threads when a batch-1 step outgrows one core
+(``numlstm.pair``); on the GPU one ``lstm_step`` launch per layer.
 """
 
 import numpy as np
 
-from numlstm import checks
+from numlstm import checks, pair
 from numlstm.weights import check_float_array
 
 
@@ -45,8 +46,10 @@ class Stream:
                             ("c", (L, B, H)),  # state c_t of every layer
                             ("gates", (3, B, 4 * H)),  # activations | recurrent | new c
                             ("r", (B if P else 0, H)),  # o * tanh(c), the projection's input
-                            ("x", (B, model.input_size))])  # converted input, when needed
-        self._h, self._c = v["h"], v["c"]
+                            ("x", (B, model.input_size)),  # converted input, when needed
+                            ("hprev", (O,))])  # h_{t-1} of a two-thread step's layer
+        self._h, self._c, self._hprev = v["h"], v["c"], v["hprev"]
+        self._pair = None
         # Per-layer views made once: creating a view inside step would allocate.
         self._h_layers = [v["h"][l] for l in range(L)]
         self._c_layers = [v["c"][l] for l in range(L)]
@@ -76,6 +79,7 @@ class Stream:
         unboxes no array (no NRT allocation, and no dispatcher typing the
         argument each step). Sparse weights bind their per-step execution
         layout (batch below ``config.STEP_MAX_B``; see ``numlstm.layouts``).
+        A batch-1 step large enough runs on two threads (``numlstm.pair``).
         """
         m = self.model
         if m.engine.be is not self._be:
@@ -83,7 +87,15 @@ class Stream:
             raise RuntimeError(f"this stream was made on {where[self._be.NAME]}, but the model "
                                f"has been moved to {where[m.engine.be.NAME]}: make a new stream "
                                "with model.stream()")
-        self._run, self._plan = self._be.step_plan(self._layer_args(self._x))
+        layers = self._layer_args(self._x)
+        if self._pair is not None:
+            self._pair.stop()
+            self._pair = None
+        if self._host and pair.worth_two(m, self.batch_size):
+            self._pair = pair.Pair(layers, self._hprev, self)
+            self._run, self._plan = self._pair.run, self._pair.plan
+        else:
+            self._run, self._plan = self._be.step_plan(layers)
         self._version = m.version
 
     def reset(self, state=None):
@@ -143,7 +155,8 @@ class Stream:
                 x[...] = x_t
             else:
                 x[...] = check_float_array(x_t, "x_t", x.shape, x.dtype)
-            self._run(self._plan)
+            if self._run(self._plan):  # a two-thread step whose worker has left
+                self._pair.wake()
             return self._h_layers[-1]
         return self._device_step(x_t, to_host)
 

@@ -476,8 +476,10 @@ bsr_sddmm_acc, bsr_sddmm_acc_parallel = _variants(_bsr_sddmm_acc)
 # 5x faster than the same loops written over 2-D arrays inside the kernels.
 
 @njit(**_OPTS)
-def _cell_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh):
-    """Gate nonlinearities and cell update of one batch row, in place.
+def _cell_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, u0, u1):
+    """Gate nonlinearities and cell update of one batch row, in place, for
+    the hidden units u0 <= j < u1 (all of them: 0, H; a half: the two-thread
+    step, ``numlstm.kernels.pair``).
 
     act (G,) holds the input product x_t W_ih^T on entry and the activations
     i, f, g, o on exit; rec (G,) = h_{t-1} W_hh^T and the biases (G,) (zeros
@@ -487,20 +489,36 @@ def _cell_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh):
     back to scalar code, 4x slower.
     """
     H = act.shape[0] // 4
-    for q in range(act.shape[0]):
-        act[q] += rec[q] + bias_ih[q] + bias_hh[q]
-    for j in range(H):
-        i = sigmoid(act[j])
-        f = sigmoid(act[H + j])
-        g = tanh(act[2 * H + j])
-        o = sigmoid(act[3 * H + j])
-        act[j] = i
-        act[H + j] = f
-        act[2 * H + j] = g
-        act[3 * H + j] = o
-        c = f * c_prev[j] + i * g
-        c_out[j] = c
-        r_out[j] = o * tanh(c)
+    _add_biases(act, rec, bias_ih, bias_hh, u0, u1)
+    # Views from u0, indexed from 0: numba then emits no negative-index
+    # fix-ups, which would keep LLVM from vectorising (4x slower).
+    ai, af, ag, ao = act[u0:u1], act[H + u0:H + u1], act[2 * H + u0:2 * H + u1], \
+        act[3 * H + u0:3 * H + u1]
+    co, ro, cp = c_out[u0:u1], r_out[u0:u1], c_prev[u0:u1]
+    for j in range(u1 - u0):
+        i = sigmoid(ai[j])
+        f = sigmoid(af[j])
+        g = tanh(ag[j])
+        o = sigmoid(ao[j])
+        ai[j] = i
+        af[j] = f
+        ag[j] = g
+        ao[j] = o
+        c = f * cp[j] + i * g
+        co[j] = c
+        ro[j] = o * tanh(c)
+
+
+@njit(inline="always", **_OPTS)
+def _add_biases(act, rec, bias_ih, bias_hh, u0, u1):
+    """act += rec + bias_ih + bias_hh over the rows of units u0 <= j < u1
+    (g*H + j for each gate g)."""
+    H = act.shape[0] // 4
+    for k in range(4):
+        a, w = act[k * H + u0:k * H + u1], rec[k * H + u0:k * H + u1]
+        bi, bh = bias_ih[k * H + u0:k * H + u1], bias_hh[k * H + u0:k * H + u1]
+        for q in range(u1 - u0):
+            a[q] += w[q] + bi[q] + bh[q]
 
 
 @njit(**_OPTS)
@@ -581,7 +599,8 @@ def _clip(z, clip):
 
 
 @njit(**_OPTS)
-def _variant_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, kinds, params, peep):
+def _variant_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, kinds, params, peep,
+                     u0, u1):
     """``_cell_forward`` of a variant cell (``cell`` above): act (G,) holds
     x_t W_ih^T on entry and the raw pre-activations z_i, z_f, z_g, z_o (bias
     and peephole terms in, before the clip) on exit."""
@@ -591,9 +610,8 @@ def _variant_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, kinds, pa
                                     params[5], params[6])
     coupled = params[7] != 0
     peeped = peep.shape[0] > 0
-    for q in range(act.shape[0]):
-        act[q] += rec[q] + bias_ih[q] + bias_hh[q]
-    for j in range(H):
+    _add_biases(act, rec, bias_ih, bias_hh, u0, u1)
+    for j in range(u0, u1):
         cp = c_prev[j]
         zi = act[j]
         zf = act[H + j]
@@ -660,17 +678,25 @@ def _variant_backward(act, dc, dr, c, c_prev, kinds, params, peep, dpeep):
             dpeep[2, j] += dzo * cj
 
 
-def _cell_step(cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh):
-    """The cell's forward for one batch row: plain or variant, by ``cell``'s type."""
+def _cell_units(cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, u0, u1):
+    """The cell's forward for one batch row, hidden units u0 <= j < u1: plain
+    or variant, by ``cell``'s type."""
 
 
-@overload(_cell_step, jit_options=_OPTS)
-def _cell_step_overload(cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh):
+@overload(_cell_units, jit_options=_OPTS)
+def _cell_units_overload(cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, u0, u1):
     if len(cell) == 0:
-        return lambda cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh: _cell_forward(
-            c_out, act, r_out, c_prev, rec, bias_ih, bias_hh)
-    return lambda cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh: _variant_forward(
-        c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, cell[0], cell[1], cell[2])
+        return lambda cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, u0, u1: \
+            _cell_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, u0, u1)
+    return lambda cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, u0, u1: \
+        _variant_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, cell[0], cell[1],
+                         cell[2], u0, u1)
+
+
+@njit(inline="always", **_OPTS)
+def _cell_step(cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh):
+    """The cell's forward for one batch row, every hidden unit."""
+    _cell_units(cell, c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, 0, c_prev.shape[0])
 
 
 def _cell_step_back(cell, act, dc, dr, c, c_prev):

@@ -1,0 +1,136 @@
+"""Two cores at batch 1: a stream step on one thread against two, quiet and
+under load (issue 12, item 5).
+
+For each model (I=64, one layer, H in 256, 512, 1024; dense, 90% and 95%
+CSR, 90% BSR 8x1, 90% CSR float16; the suite's weights and pruning) three
+streams step the same inputs, interleaved repeat by repeat in one worker
+process: ``one`` (``config.STEP_THREADS = 1``), ``auto`` (what a user gets:
+two threads only where ``numlstm.pair.worth_two`` says so) and ``two`` (two
+threads whatever the estimate, ``config.PAIR_MIN_NS = 0``; shows why the
+threshold is where it is). Their outputs are checked equal to float
+rounding. The worker runs twice: on a quiet machine, and with a second
+process spinning on one core (``loaded``: the issue asks that two threads
+then never cost more than 10% over one).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from benchmarks.common import REPO, machine_info, machine_markdown, run_worker, stats, \
+    write_results
+
+NAME = "pair"
+FULL = {"H": [256, 512, 1024], "kinds": ["dense", "csr90", "csr95", "bsr90", "csr90-f16"],
+        "steps": 1000, "repeats": 7}
+QUICK = {"H": [64], "kinds": ["dense", "csr90"], "steps": 50, "repeats": 2}
+MODES = ("one", "auto", "two")
+LOAD_LIMIT = 1.1  # loaded: a two-thread step at most this many times the one-thread step
+
+
+def _worker(cfg):
+    """Time the three streams of every model; the JSON of their times."""
+    from benchmarks.suite.data import build, dense_weights
+    from numlstm import config
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for H in cfg["H"]:
+        w = dense_weights(64, H)
+        x = rng.standard_normal((cfg["steps"], 1, 64), dtype=np.float32)
+        for kind in cfg["kinds"]:
+            model = build(w, kind)
+            streams = {}
+            for mode in MODES:
+                config.STEP_THREADS = "1" if mode == "one" else "auto"
+                config.PAIR_MIN_NS = 0 if mode == "two" else 25_000
+                streams[mode] = model.stream(1)  # binds now, under this mode's settings
+            config.STEP_THREADS, config.PAIR_MIN_NS = "auto", 25_000
+            outs = {m: np.stack([s.step(xt).copy() for xt in x]) for m, s in streams.items()}
+            err = max(float(np.abs(outs[m] - outs["one"]).max()) for m in MODES)
+            times = {m: [] for m in MODES}
+            for _ in range(cfg["repeats"]):
+                for m, s in streams.items():
+                    t0 = time.perf_counter()
+                    for xt in x:
+                        s.step(xt)
+                    times[m].append((time.perf_counter() - t0) / len(x) * 1e6)
+            out[f"{kind}/H={H}"] = {
+                "H": H, "kind": kind, "max_abs_diff": err,
+                "two_threads": {m: s._pair is not None for m, s in streams.items()},
+                "us_per_step": {m: stats(t) for m, t in times.items()}}
+    return out
+
+
+def run(quick=False, out_dir=None, log=print):
+    """Run the worker quiet and loaded; write ``pair.json`` and ``pair.md``."""
+    cfg = QUICK if quick else FULL
+    out_dir = out_dir or os.path.join(REPO, "benchmarks", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    result = {"benchmark": NAME, "quick": quick, "config": cfg, "machine": machine_info()}
+    for cond in ("quiet", "loaded"):
+        log(f"pair {cond}: running ...")
+        hog = None
+        if cond == "loaded":
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            result[cond] = run_worker("benchmarks.pair", ["--worker", json.dumps(cfg)],
+                                      1800, cond)
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+    result["files"] = write_results(NAME, result, out_dir, markdown)
+    return result
+
+
+def _ratio(e, a, b):
+    return e["us_per_step"][a]["median"] / e["us_per_step"][b]["median"]
+
+
+def markdown(result):
+    """The result as a Markdown report."""
+    c = result["config"]
+    lines = [f"# Benchmark `{NAME}`: a batch-1 stream step on one thread and on two"
+             + (" (quick smoke run)" if result["quick"] else ""), "",
+             f"float32, I=64, one layer; µs per `Stream.step`, median of {c['repeats']} "
+             f"repeats of {c['steps']} steps, the three streams interleaved. `one`: one "
+             "thread; `auto`: what a user gets (two threads where the estimated step is "
+             "at least `config.PAIR_MIN_NS`); `two`: two threads whatever the estimate. "
+             "*loaded*: a second process spins on one core meanwhile. one / auto > 1: "
+             f"auto faster. Loaded, auto must stay within {LOAD_LIMIT}x of one.", "",
+             "| model | auto uses two | quiet: one | auto | two | one / auto | one / two "
+             "| loaded: one | auto | two | one / auto | within 10% | max abs diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for key, q in result["quiet"].items():
+        ld = result["loaded"][key]
+        med = {cond: {m: e["us_per_step"][m]["median"] for m in MODES}
+               for cond, e in (("quiet", q), ("loaded", ld))}
+        ok = ld["us_per_step"]["auto"]["median"] <= LOAD_LIMIT * ld["us_per_step"]["one"][
+            "median"]
+        lines.append(
+            f"| {q['kind']}, H={q['H']} | {'yes' if q['two_threads']['auto'] else 'no'} | "
+            + " | ".join(f"{med['quiet'][m]:.1f}" for m in MODES)
+            + f" | {_ratio(q, 'one', 'auto'):.2f}x | {_ratio(q, 'one', 'two'):.2f}x | "
+            + " | ".join(f"{med['loaded'][m]:.1f}" for m in MODES)
+            + f" | {_ratio(ld, 'one', 'auto'):.2f}x | {'yes' if ok else '**no**'} | "
+            + f"{max(q['max_abs_diff'], ld['max_abs_diff']):.1e} |")
+    lines += [""] + machine_markdown(result["machine"], "one BLAS thread unset; kernels as "
+                                     "configured (two threads where `auto` says)") + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", metavar="CONFIG_JSON", required=True)
+    args = p.parse_args(argv)
+    print(json.dumps(_worker(json.loads(args.worker))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""A batch-1 stream step on two cores: each thread owns half the hidden units.
+
+Thread 0 (the caller's) and thread 1 (a worker, ``numlstm.pair``) each
+compute the gate rows of their half of the hidden units, i, f, g and o of
+units j < H/2 or j >= H/2, and that half's cell update, so a layer's step
+needs one handoff: the caller publishes the layer, both compute, the caller
+waits for the worker's half. Both products read h_{t-1} from a copy
+(``hprev``) the caller takes before it publishes, so neither thread's cell
+update can overwrite what the other is still reading.
+
+Load-robust by construction (docs/design.md, Two cores at batch 1): the
+worker's half is claimed with a compare-and-swap, by the worker when it sees
+the layer published, or by the caller itself when it has finished its own
+half and the worker has not claimed it (asleep, descheduled on a loaded
+machine, or gone). A step therefore never waits for a worker that has not
+started; it waits only for a half the worker is computing.
+
+Rows of each half: for the execution layouts (SELL kinds) the slices of
+that half (the layout orders rows by half: ``numlstm.layouts.halved``); for
+dense, CSR and BSR arrays the four row ranges g*H + [u0, u1).
+"""
+
+import numpy as np
+from numba import literal_unroll, njit, typeof
+from numba import types as nbtypes
+from numba.experimental import structref
+from numba.extending import overload
+
+from numlstm.kernels import atomics
+from numlstm.kernels import vector_ir as vir
+from numlstm.kernels.cpu import _OPTS, _cell_units, _dense_rows, _half_to_float, _sparse_row
+from numlstm.kernels.plan import StepPlanType
+
+# Words of the shared sync array (int64), one cache line apart: the caller
+# writes GO and LAYER, both CLAIM, the worker DONE; STATE is the worker's
+# (RUNNING while it serves, ASLEEP once it has left), STOP the owner's.
+GO, LAYER, CLAIM, DONE, STATE, STOP = 0, 8, 16, 24, 32, 40
+SYNC_WORDS = 48
+ASLEEP, RUNNING = 0, 1
+
+
+def _part_product(on, xn, w0, data, indices, indptr, part):
+    """The rows of hidden-unit half ``part`` of on (G,) = W xn (K,)."""
+
+
+@overload(_part_product, jit_options=_OPTS)
+def _part_product_overload(on, xn, w0, data, indices, indptr, part):
+    if data.ndim == 2:  # a SELL layout, rows ordered by half: each half its slices
+        windowed = indices.dtype == nbtypes.uint8
+        scaled = data.dtype == nbtypes.int8 and not windowed  # w0: row scales (R, 1)
+
+        def sell(on, xn, w0, data, indices, indptr, part):
+            S = indptr.shape[0]
+            s0, s1 = part * (S // 2), S // 2 + part * (S - S // 2)
+            if windowed:  # w0: the int8 kind's lane scales (nslices, C), or (0, 0)
+                vir.sell_windows(on, xn, data, indices, indptr[s0:s1],
+                                 w0[s0:s1] if w0.shape[0] > 0 else w0)
+                return
+            vir.sell_rows(on, xn, data, indices, indptr[s0:s1])
+            if scaled:
+                Q = on.shape[0] // 4
+                for g in range(4):
+                    for r in range(g * Q + part * (Q // 2), g * Q + (part + 1) * (Q // 2)):
+                        on[r] *= _half_to_float(w0[r, 0])
+        return sell
+
+    dense = data.ndim == 1 and isinstance(data.dtype, nbtypes.Float)
+
+    def ranges(on, xn, w0, data, indices, indptr, part):
+        R, K = on.shape[0], xn.shape[0]
+        Q = R // 4
+        for g in range(4):
+            r0 = g * Q + part * (Q // 2)
+            r1 = r0 + Q // 2
+            if dense and w0.shape[0] > 0:
+                _dense_rows(on.reshape((1, R))[:, r0:r1], xn.reshape((1, K)), w0[r0:r1])
+            elif data.ndim == 3:  # BSR: block rows of br rows
+                br = data.shape[1]
+                _sparse_row(on[r0:r1], xn, w0, data, indices, indptr[r0 // br:r1 // br + 1])
+            else:  # CSR arrays (int8: w0 the row scales (R, 1))
+                _sparse_row(on[r0:r1], xn, w0[r0:r1] if w0.shape[0] == R else w0, data,
+                            indices, indptr[r0:r1 + 1])
+    return ranges
+
+
+@njit(**_OPTS)
+def _part_step(part, hprev, h, c, gates, r, x,
+               wih, wih_data, wih_indices, wih_indptr, bias_ih, bias_hh,
+               whh, whh_data, whh_indices, whh_indptr,
+               whr, whr_data, whr_indices, whr_indptr, cell):
+    """Half ``part`` of one layer's ``lstm_step`` at B = 1 without projection:
+    its gate rows from x and hprev (h_{t-1}, a copy), then its cell update,
+    writing h and c of its units only."""
+    act, rec, c_new = gates[0, 0], gates[1, 0], gates[2, 0]
+    H = c.shape[1]
+    u0, u1 = part * (H // 2), H // 2 + part * (H - H // 2)
+    _part_product(act, x[0], wih, wih_data, wih_indices, wih_indptr, part)
+    _part_product(rec, hprev, whh, whh_data, whh_indices, whh_indptr, part)
+    _cell_units(cell, c_new, act, h[0], c[0], rec, bias_ih, bias_hh, u0, u1)
+    for j in range(u0, u1):
+        c[0, j] = c_new[j]
+
+
+@njit(**_OPTS)
+def _layer_part(plan, l, part, hprev):
+    """``_part_step`` of layer l of the plan."""
+    k = 0
+    for layer in literal_unroll(plan.layers):
+        if k == l:
+            _part_step(part, hprev, *layer)
+        k += 1
+
+
+@njit(**_OPTS)
+def pair_step(plan):
+    """One stream step of every layer, the worker's half claimed by whoever
+    comes first (see the module docstring). Returns 1 when the worker has
+    left (the owner restarts it: ``numlstm.pair.Pair.wake``), else 0.
+
+    plan: a ``make_pair_plan`` StepPlan, whose ``sync`` (SYNC_WORDS,) int64
+    holds the shared words and ``hprev`` (O,) h_{t-1} of the layer in flight.
+    """
+    sync, hprev = plan.sync, plan.hprev
+    l = 0
+    for layer in literal_unroll(plan.layers):  # (no loop in this body: numba unrolls it)
+        _pair_layer(sync, hprev, l, layer)
+        l += 1
+    return 1 if atomics.load(sync, STATE) == ASLEEP else 0
+
+
+@njit(**_OPTS)
+def _pair_layer(sync, hprev, l, layer):
+    """Layer l's step: copy h_{t-1}, publish, half 0, then half 1 or the wait."""
+    h = layer[0]
+    for j in range(h.shape[1]):
+        hprev[j] = h[0, j]
+    g = atomics.load(sync, GO) + 1
+    atomics.store(sync, LAYER, l)
+    atomics.store(sync, GO, g)  # published: the worker may claim half 1 now
+    _part_step(0, hprev, *layer)
+    if atomics.cas(sync, CLAIM, g - 1, g):
+        _part_step(1, hprev, *layer)
+    else:
+        while atomics.load(sync, DONE) != g:
+            atomics.pause()
+
+
+@njit(**_OPTS)
+def serve(plan, spins, yields):
+    """The worker's loop: claim and run half 1 of each published layer.
+
+    Waits by spinning ``spins`` rounds of ``pause``, then ``yields`` calls
+    of ``sched_yield`` (on a loaded core, other threads run then), then
+    leaves: sets STATE to ASLEEP and returns, so an idle stream holds no
+    spinning thread. Also leaves when STOP is set.
+    """
+    sync, hprev = plan.sync, plan.hprev
+    last = atomics.load(sync, GO)
+    idle = 0
+    while atomics.load(sync, STOP) == 0:
+        g = atomics.load(sync, GO)
+        if g != last:
+            last = g
+            idle = 0
+            if atomics.cas(sync, CLAIM, g - 1, g):
+                _layer_part(plan, atomics.load(sync, LAYER), 1, hprev)
+                atomics.store(sync, DONE, g)
+            continue
+        idle += 1
+        if idle <= spins:
+            atomics.pause()
+        elif idle <= spins + yields:
+            atomics.yield_cpu()
+        else:
+            break
+    atomics.store(sync, STATE, ASLEEP)
+    return 0
+
+
+def _new_pair_plan(layers, sync, hprev):
+    """A StepPlan holding ``layers``, ``sync`` and ``hprev`` (jit code only)."""
+
+
+@overload(_new_pair_plan, jit_options=_OPTS)
+def _new_pair_plan_overload(layers, sync, hprev):
+    plan_type = StepPlanType([("layers", layers), ("sync", sync), ("hprev", hprev)])
+
+    def impl(layers, sync, hprev):
+        plan = structref.new(plan_type)
+        plan.layers = layers
+        plan.sync = sync
+        plan.hprev = hprev
+        return plan
+    return impl
+
+
+@njit(**_OPTS)
+def make_pair_plan(layers, sync, hprev):
+    """Bind ``layers`` (``lstm_step`` argument tuples, bottom layer first),
+    the sync words (a zeroed (SYNC_WORDS,) int64 array: nothing published,
+    the worker asleep) and hprev (O,) into a StepPlan for ``pair_step``."""
+    return _new_pair_plan(layers, sync, hprev)
+
+
+def compiled_pair_step(plan):
+    """``pair_step`` for this plan's type as its entry point (as
+    ``numlstm.kernels.plan.compiled_step``)."""
+    key = (typeof(plan),)
+    if key not in pair_step.overloads:
+        pair_step.compile(key)
+    return pair_step.overloads[key].entry_point
+
+
+def new_sync():
+    """Zeroed sync words: nothing published, the worker asleep."""
+    return np.zeros(SYNC_WORDS, np.int64)

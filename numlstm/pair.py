@@ -1,0 +1,170 @@
+"""Two cores for a batch-1 stream whose step outgrows one: when, and the worker.
+
+``Stream`` asks ``plan_for`` whether its steps run on two threads
+(``numlstm.kernels.pair`` has the kernels and the protocol). A ``Pair``
+owns the worker thread of one stream: started at the stream's first step,
+it leaves by itself after about 10 ms without work (an idle stream holds no
+spinning thread) and is started again by the next step. At most one
+worker per core beside the first runs in the process at once (one on a
+2-core machine): a stream that finds none free runs its steps alone, as it
+does whenever its worker is late. docs/design.md, Two cores at batch 1.
+"""
+
+import os
+import threading
+import weakref
+
+from numba import int64, typeof
+
+from numlstm import config, layouts
+from numlstm.kernels import pair as kernels
+from numlstm.weights import BSR, CSR, Dense
+
+# The worker's wait before it leaves: spins of ``pause`` (~40 ns each on a
+# current x86 core, so ~2 ms), then ``sched_yield`` calls (~8 ms on an idle
+# core; at once given away on a loaded one).
+SPINS = 50_000
+YIELDS = 10_000
+
+
+def _cores():
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _threads():
+    """Threads a step may use: ``config.STEP_THREADS`` ("auto": this
+    process's cores, at most 2), an int >= 1."""
+    want = config.STEP_THREADS
+    if want == "auto":
+        return min(_cores(), 2)
+    try:
+        n = int(want)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"config.STEP_THREADS (NUMLSTM_STEP_THREADS) must be 'auto' or an "
+                         f"integer >= 1, got {want!r}")
+    return n
+
+
+_SLOTS = None  # BoundedSemaphore: free worker threads in this process
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slots():
+    global _SLOTS
+    with _SLOTS_LOCK:
+        if _SLOTS is None:  # one worker per core beside the first
+            _SLOTS = threading.BoundedSemaphore(max(_cores() - 1, 1))
+        return _SLOTS
+
+
+def _splits(weight, H):
+    """Whether ``weight``'s per-step product splits into the two hidden-unit
+    halves of a layer of H units (``kernels._part_product``)."""
+    if isinstance(weight, CSR):
+        layout = weight.step_layout()
+        if isinstance(layout, layouts.SELL_KINDS):
+            return layout.halves
+        return True  # the CSR arrays or a dense copy: row ranges
+    if isinstance(weight, BSR):
+        return (H // 2) % weight.blocksize[0] == 0
+    return isinstance(weight, Dense)
+
+
+def step_cost(weight):
+    """Estimated ns of the per-step product of ``weight`` with one row of x
+    (``numlstm.layouts.cost``; a BSR weight at one SELL lane per stored value)."""
+    if isinstance(weight, CSR):
+        layout = weight.step_layout()
+        return layouts.cost(weight, None if layout is weight else layout)
+    if isinstance(weight, BSR):
+        return weight.nnz * layouts.step_costs()["window_lane"]
+    return layouts.dense_cost(weight.shape, weight.dtype.itemsize)
+
+
+def worth_two(model, batch_size):
+    """Whether ``model``'s stream steps at ``batch_size`` run on two threads:
+    CPU, B = 1, no projection, two threads allowed (``config.STEP_THREADS``),
+    H even in halves of whole cache lines (H % 32 == 0), every layer's
+    per-step products split by half, and an estimated step of at least
+    ``config.PAIR_MIN_NS`` (below it the handoffs cost more than half the
+    work saves: measured in benchmarks/results/pair.md)."""
+    H = model.hidden_size
+    if (batch_size != 1 or model.proj_size or model.engine.be.STAGED or H % 32
+            or _threads() < 2):
+        return False
+    weights = model.host_params.weights
+    names = [f"weight_{k}_l{l}" for l in range(model.num_layers) for k in ("ih", "hh")]
+    if not all(_splits(weights[n], H) for n in names):
+        return False
+    return sum(step_cost(weights[n]) for n in names) >= config.PAIR_MIN_NS
+
+
+def _serve(plan, sync, slots):
+    """The worker thread: serve until idle or stopped, then free the slot."""
+    try:
+        kernels.serve(plan, SPINS, YIELDS)
+    finally:
+        sync[kernels.STATE] = kernels.ASLEEP
+        slots.release()
+
+
+class Pair:
+    """The worker of one two-thread stream.
+
+    Parameters
+    ----------
+    layers : tuple
+        Every layer's ``lstm_step`` arguments (as ``Stream`` binds them).
+    hprev : array (O,)
+        Scratch for h_{t-1} of the layer in flight (of the model's dtype).
+    owner : object
+        The stream: when it is collected, the worker stops.
+
+    Attributes
+    ----------
+    run : callable
+        ``run(plan)`` makes one step (``kernels.pair_step``); it returns 1
+        when the worker has left, and the caller then calls ``wake``.
+    plan : StepPlan
+        The bound layers, sync words and hprev.
+    """
+
+    def __init__(self, layers, hprev, owner):
+        self.sync = sync = kernels.new_sync()
+        self.plan = kernels.make_pair_plan(tuple(layers), sync, hprev)
+        self.run = kernels.compiled_pair_step(self.plan)
+        key = (typeof(self.plan), int64, int64)
+        if key not in kernels.serve.overloads:
+            kernels.serve.compile(key)  # here, not in the worker's first seconds
+        self._thread = None
+        weakref.finalize(owner, _stop, sync)
+
+    def wake(self):
+        """Start the worker if it has left and a worker slot is free."""
+        if self._thread is not None:
+            self._thread.join()  # it has set STATE: it is on its way out
+            self._thread = None
+        slots = _slots()
+        if not slots.acquire(blocking=False):
+            return
+        self.sync[kernels.STATE] = kernels.RUNNING
+        self._thread = threading.Thread(target=_serve, args=(self.plan, self.sync, slots),
+                                        name="numlstm-pair", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Stop the worker (the stream is rebound or gone)."""
+        _stop(self.sync)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def _stop(sync):
+    sync[kernels.STOP] = 1

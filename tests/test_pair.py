@@ -1,0 +1,208 @@
+"""Two-thread batch-1 stream steps (numlstm.pair, numlstm.kernels.pair): the
+same results as one thread, whoever computes which half; no allocation; the
+worker's lifecycle; when two threads are used."""
+
+import gc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba.core.runtime import _nrt_python, rtsys
+
+import numlstm
+from numlstm import config, layouts, pair
+from numlstm.kernels import pair as kernels
+
+KINDS = ["dense", "csr", "csr-per-row", "csr-float16", "csr-int8", "csr-uint16", "bsr"]
+CELLS = [{}, {"peepholes": True}, {"activations": ("hard_sigmoid", "tanh", "tanh")},
+         {"input_forget": True, "clip": 3.0}]
+
+
+@pytest.fixture
+def two(monkeypatch):
+    """Two threads for every batch-1 step, whatever its size."""
+    monkeypatch.setattr(config, "STEP_THREADS", "2")
+    monkeypatch.setattr(config, "PAIR_MIN_NS", 0)
+
+
+def _model(kind, L, H, cell=None, layout="auto", seed=0):
+    """A model of ``kind`` storage, I=16."""
+    m = numlstm.LSTM(16, H, num_layers=L, seed=seed, **(cell or {}))
+    if kind == "bsr":
+        numlstm.prune.blocks(m, 0.75, block=(8, 1))
+    elif kind == "csr-per-row":
+        numlstm.prune.magnitude(m, 0.8, scope="per_row")
+    elif kind != "dense":
+        numlstm.prune.magnitude(m, 0.85)
+        if kind == "csr-uint16":
+            numlstm.quantize.quantize(m, values=None, indices="uint16")
+        elif kind != "csr":
+            numlstm.quantize.quantize(m, kind.removeprefix("csr-"))
+    saved = config.STEP_LAYOUT
+    config.STEP_LAYOUT = layout
+    try:  # layouts are built at the first use: here
+        m.refresh_layouts()
+        for w in m.weights().values():
+            if hasattr(w, "step_layout"):
+                w.step_layout()
+    finally:
+        config.STEP_LAYOUT = saved
+    return m
+
+
+def _one_thread(m, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setattr(config, "STEP_THREADS", "1")
+        s = m.stream(1)
+    assert s._pair is None
+    return s
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(KINDS), L=st.integers(1, 3), H=st.sampled_from([32, 64]),
+       cell=st.sampled_from(CELLS), layout=st.sampled_from(["auto", "sell", "windows", "csr",
+                                                            "dense"]),
+       seed=st.integers(0, 100))
+def test_two_threads_give_what_one_gives(kind, L, H, cell, layout, seed):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "STEP_THREADS", "2")
+        mp.setattr(config, "PAIR_MIN_NS", 0)
+        m = _model(kind, L, H, cell, layout, seed)
+        s = m.stream(1)
+        assert s._pair is not None
+        one = _one_thread(m, mp)
+        x = np.random.default_rng(seed).standard_normal((12, 1, 16)).astype(np.float32)
+        for t in range(12):
+            np.testing.assert_allclose(s.step(x[t]), one.step(x[t]), rtol=1e-6, atol=1e-7)
+        for a, b in zip(s.state, one.state):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_worker_computes_the_second_half_of_a_published_layer(kind, two, monkeypatch):
+    """Deterministic split: the worker thread claims and computes half 1 of
+    a layer published by hand, this thread half 0; together one step."""
+    monkeypatch.setattr(pair, "SPINS", 10**9)  # the worker waits for the layer
+    m = _model(kind, 1, 64, {"peepholes": True})
+    s = m.stream(1)
+    one = _one_thread(m, monkeypatch)
+    x = np.linspace(-1, 1, 16, dtype=np.float32)[None]
+    s.reset((np.full((1, 1, 64), 0.3, np.float32), np.full((1, 1, 64), -0.2, np.float32)))
+    one.reset(s.state)
+    p, sync = s._pair, s._pair.sync
+    s._x[...] = x
+    s._hprev[...] = s._h[0, 0]
+    p.wake()
+    sync[kernels.LAYER] = 0
+    sync[kernels.GO] = 1  # published: the worker claims half 1
+    for _ in range(3000):
+        if sync[kernels.DONE] == 1:
+            break
+        p._thread.join(0.01)
+    assert sync[kernels.DONE] == 1 and sync[kernels.CLAIM] == 1
+    kernels._layer_part(p.plan, 0, 0, s._hprev)
+    p.stop()
+    expected = one.step(x)
+    np.testing.assert_allclose(s._h[0], expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s.state[1], one.state[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr", "csr-float16", "bsr"])
+@pytest.mark.parametrize("L", [1, 3])
+def test_a_two_thread_step_allocates_nothing(kind, L, two):
+    s = _model(kind, L, 64).stream(1)
+    assert s._pair is not None
+    x = np.ones((1, 16), np.float32)
+    s.step(x)
+    _nrt_python.memsys_enable_stats()
+    before = rtsys.get_allocation_stats()
+    for _ in range(50):
+        s.step(x)
+    after = rtsys.get_allocation_stats()
+    assert after.alloc - before.alloc == 0
+
+
+def test_an_idle_worker_leaves_and_the_next_step_brings_it_back(two, monkeypatch):
+    monkeypatch.setattr(pair, "SPINS", 10)
+    monkeypatch.setattr(pair, "YIELDS", 10)
+    m = _model("csr", 1, 32)
+    s, ref = m.stream(1), _one_thread(m, monkeypatch)
+    x = np.ones((1, 16), np.float32)
+    s.step(x)  # the worker was asleep: this step starts it
+    first = s._pair._thread
+    assert first is not None
+    first.join(10)
+    assert not first.is_alive() and s._pair.sync[kernels.STATE] == kernels.ASLEEP
+    ref.step(x)
+    np.testing.assert_allclose(s.step(x), ref.step(x), rtol=1e-6)  # alone, then restarted
+    assert s._pair._thread is not first
+
+
+def test_a_collected_stream_stops_its_worker(two):
+    s = _model("dense", 2, 32).stream(1)
+    s.step(np.ones((1, 16), np.float32))
+    thread = s._pair._thread
+    assert thread is not None and thread.is_alive()
+    del s
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_load_state_dict_rebinds_and_stops_the_old_worker(two):
+    m = _model("dense", 1, 32)
+    s = m.stream(1)
+    x = np.ones((1, 16), np.float32)
+    s.step(x)
+    old = s._pair
+    state = m.state_dict()
+    state["weight_hh_l0"] = state["weight_hh_l0"] * 0.5
+    m.load_state_dict(state)
+    s.reset()
+    out = s.step(x).copy()
+    assert s._pair is not old and old.sync[kernels.STOP] == 1
+    expected, _ = m(x[None])
+    np.testing.assert_allclose(out, expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_when_two_threads_are_used(two, monkeypatch):
+    assert pair.worth_two(_model("dense", 1, 32), 1)
+    assert not pair.worth_two(_model("dense", 1, 32), 2)  # batch 1 only
+    assert not pair.worth_two(_model("dense", 1, 48), 1)  # H % 32: halves of whole lines
+    assert not pair.worth_two(numlstm.LSTM(16, 32, proj_size=8), 1)
+    monkeypatch.setattr(config, "PAIR_MIN_NS", 10**12)
+    assert not pair.worth_two(_model("dense", 1, 32), 1)  # too small to pay
+    monkeypatch.setattr(config, "PAIR_MIN_NS", 0)
+    monkeypatch.setattr(config, "STEP_THREADS", "1")
+    assert not pair.worth_two(_model("dense", 1, 32), 1)
+    monkeypatch.setattr(config, "STEP_THREADS", "0")
+    with pytest.raises(ValueError, match=r"STEP_THREADS.*'auto' or an integer >= 1, got '0'"):
+        pair.worth_two(_model("dense", 1, 32), 1)
+
+
+def test_the_estimate_chooses_two_threads_only_for_large_steps():
+    """At the shipped threshold: an H=32 step stays on one thread, an
+    H=1024 dense one (4M weights, beyond L2) goes to two where allowed."""
+    assert not pair.worth_two(_model("dense", 1, 32), 1)
+    big = numlstm.LSTM(64, 1024, seed=0)
+    assert pair.worth_two(big, 1) == (pair._threads() >= 2)
+
+
+@pytest.mark.parametrize("layout", [layouts.Sell, layouts.SellWindows])
+@pytest.mark.parametrize("R", [64, 128, 96])
+def test_layouts_order_rows_by_hidden_unit_half(layout, R):
+    """The first half of the slices holds the rows g*H + j with j < H/2."""
+    rng = np.random.default_rng(R)
+    dense = rng.standard_normal((R, 40)).astype(np.float32) * (rng.random((R, 40)) < 0.2)
+    indptr = np.concatenate([[0], np.cumsum((dense != 0).sum(1))]).astype(np.int32)
+    indices = np.nonzero(dense)[1].astype(np.int32)
+    made = layout(dense[dense != 0], indices, indptr, dense.shape)
+    table = made.slices if layout is layouts.Sell else made.table
+    C = made.data.shape[1]
+    rows = table[:, -C:]
+    assert made.halves == (R % 8 == 0 and (R // 2) % C == 0)
+    if made.halves:
+        H, S = R // 4, rows.shape[0]
+        first, second = rows[:S // 2].ravel(), rows[S // 2:].ravel()
+        assert np.all(first % H < H // 2) and np.all(second[second >= 0] % H >= H // 2)
