@@ -132,7 +132,7 @@ def _systems(ctx, result, peers):
     """(label, job fields) of every numlstm kind and every importable peer."""
     out = [(v, {"system": "numlstm", "variant": v}) for v in VARIANTS]
     for p in peers:
-        if p in VARIANTS:  # numlstm's own dense kind as a column: already listed
+        if p in VARIANTS or p == "csr-f32":  # numlstm's own kinds as columns: listed
             continue
         if p == "scipy":
             out += [(s, {"system": s}) for s in sorted(SCIPY_VARIANTS)]

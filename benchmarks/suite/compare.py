@@ -10,7 +10,7 @@ DRAM floor: weights that stay in cache between steps can beat it.
 import numpy as np
 
 from benchmarks.common import stats
-from benchmarks.suite.config import SCIPY_PEER, TARGETS
+from benchmarks.suite.config import F32_PEER, SCIPY_PEER, TARGETS
 
 F32 = 4
 
@@ -64,7 +64,9 @@ def max_diff(a, b):
 def peer_key(variant, peer):
     """The row a numlstm kind is compared with for a peer column; None when
     the column does not apply (no scipy loop for dense weights)."""
-    return SCIPY_PEER.get(variant) if peer == "scipy" else peer
+    if peer == "scipy":
+        return SCIPY_PEER.get(variant)
+    return F32_PEER.get(variant) if peer == "csr-f32" else peer
 
 
 def target(case, table, system, peer):

@@ -65,6 +65,7 @@ LABELS = {
     "csr90-u16": "numlstm 90% CSR, uint16 indices (compact)",
     "csr90-f16": "numlstm 90% CSR, float16 values",
     "csr90-i8": "numlstm 90% CSR, int8 values",
+    "csr-f32": "numlstm 90% CSR (float32)",
     "torch-cell": "torch `nn.LSTMCell` loop",
     "torch-lstm": "torch `nn.LSTM`",
     "ort": "ONNX Runtime (exported from torch)",
@@ -80,13 +81,16 @@ LABELS = {
 SCIPY_PEER = {"csr50": "scipy-csr50", "csr90": "scipy-csr90", "csr95": "scipy-csr95",
               "bsr90": "scipy-bsr90", "csr90-u16": "scipy-csr90", "csr90-f16": "scipy-csr90",
               "csr90-i8": "scipy-csr90"}
+# The "csr-f32" column: each compact 90% CSR kind against float32 CSR (int32
+# indices) of the same pattern.
+F32_PEER = {"csr90-u16": "csr90", "csr90-f16": "csr90", "csr90-i8": "csr90"}
 SCIPY_VARIANTS = {p: [v for v, q in SCIPY_PEER.items() if q == p] for p in set(SCIPY_PEER.values())}
 
 # Peers per timing case, in the report's column order (scipy: each kind's own;
 # "dense": numlstm's own dense kind, the baseline sparse kinds must beat).
 PEERS = {
-    "a": ["dense", "torch-cell", "torch-lstm", "ort", "numpy", "scipy"],
-    "b": ["dense", "torch-lstm", "ort", "numpy", "scipy"],  # LSTMCell has no sequence call
+    "a": ["dense", "csr-f32", "torch-cell", "torch-lstm", "ort", "numpy", "scipy"],
+    "b": ["dense", "csr-f32", "torch-lstm", "ort", "numpy", "scipy"],  # no LSTMCell sequence
     "c": ["dense", "torch-lstm", "reference"],
 }
 
@@ -104,6 +108,11 @@ TARGETS = [
     ("b", "B=1", "csr90", "torch-lstm", 2.0),
     ("b", "B=1", "bsr90", "torch-lstm", 4.0),
     ("b", "B=16", "dense", "torch-lstm", 1.0),
+    ("a", "stream", "csr90-f16", "csr-f32", 1.0),
+    ("a", "stream", "csr90-i8", "csr-f32", 1.0),
+    ("b", "B=16", "csr90-u16", "csr-f32", 1.0),
+    ("b", "B=16", "csr90-f16", "csr-f32", 1.0),
+    ("b", "B=16", "csr90-i8", "csr-f32", 1.0),
     ("c", "train", "dense", "torch-lstm", 1.0),
     ("c", "train", "csr90", "torch-lstm", 2.5),
 ]

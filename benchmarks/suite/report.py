@@ -10,7 +10,8 @@ from benchmarks.suite.config import (
     VARIANTS,
 )
 
-COLUMN = {"dense": "vs numlstm dense", "torch-cell": "vs torch `nn.LSTMCell`",
+COLUMN = {"dense": "vs numlstm dense", "csr-f32": "vs numlstm 90% CSR (float32)",
+          "torch-cell": "vs torch `nn.LSTMCell`",
           "torch-lstm": "vs torch `nn.LSTM`", "ort": "vs ONNX Runtime", "numpy": "vs NumPy loop",
           "scipy": "vs scipy loop (same pattern)", "reference": "vs NumPy reference (float64)"}
 
