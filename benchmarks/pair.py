@@ -22,8 +22,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import REPO, machine_info, machine_markdown, run_worker, stats, \
-    write_results
+from benchmarks.common import REPO, machine_info, machine_markdown, run_worker, stats, write_results
 
 NAME = "pair"
 FULL = {"H": [256, 512, 1024], "kinds": ["dense", "csr90", "csr95", "bsr90", "csr90-f16"],

@@ -165,6 +165,8 @@ class Sell:
     slices : array (nslices, 2 + C) int32
         Per slice: first and past-last entry, then the row of each lane (-1
         for the lanes of the last slice beyond R).
+    halves : bool
+        Whether the slices split into hidden-unit halves (``halved``).
     """
 
     kind = "sell"
@@ -234,6 +236,8 @@ class SellWindows:
         the row of each lane (-1: none).
     lane_scales : array (nslices, C) float32
         int8 values: each lane's row scale; (0, 0) otherwise.
+    halves : bool
+        Whether the slices split into hidden-unit halves (``halved``).
     """
 
     kind = "windows"

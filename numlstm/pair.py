@@ -1,19 +1,21 @@
 """Two cores for a batch-1 stream whose step outgrows one: when, and the worker.
 
-``Stream`` asks ``plan_for`` whether its steps run on two threads
+``Stream`` asks ``worth_two`` whether its steps run on two threads
 (``numlstm.kernels.pair`` has the kernels and the protocol). A ``Pair``
 owns the worker thread of one stream: started at the stream's first step,
 it leaves by itself after about 10 ms without work (an idle stream holds no
-spinning thread) and is started again by the next step. At most one
-worker per core beside the first runs in the process at once (one on a
-2-core machine): a stream that finds none free runs its steps alone, as it
-does whenever its worker is late. docs/design.md, Two cores at batch 1.
+spinning thread), or after ~50 us when another stream wants its slot, and
+is started again by the next step. At most one worker per core beside the
+first runs in the process at once (one on a 2-core machine): a stream that
+finds none free runs its steps alone, as it does whenever its worker is
+late. docs/design.md, Two cores at batch 1.
 """
 
 import os
 import threading
 import weakref
 
+import numpy as np
 from numba import int64, typeof
 
 from numlstm import config, layouts
@@ -25,6 +27,10 @@ from numlstm.weights import BSR, CSR, Dense
 # core; at once given away on a loaded one).
 SPINS = 50_000
 YIELDS = 10_000
+# Idle spins (~50 us) after which a worker leaves when another stream wants
+# its slot (``_WANTED``): longer than the gap between two steps of a stream
+# stepped in a loop, far shorter than the ~10 ms it would otherwise wait.
+PATIENCE = 1_250
 
 
 def _cores():
@@ -53,6 +59,7 @@ def _threads():
 
 _SLOTS = None  # BoundedSemaphore: free worker threads in this process
 _SLOTS_LOCK = threading.Lock()
+_WANTED = np.zeros(1, np.int64)  # [0] != 0: a stream found no free slot
 
 
 def _slots():
@@ -108,7 +115,7 @@ def worth_two(model, batch_size):
 def _serve(plan, sync, slots):
     """The worker thread: serve until idle or stopped, then free the slot."""
     try:
-        kernels.serve(plan, SPINS, YIELDS)
+        kernels.serve(plan, SPINS, YIELDS, _WANTED, PATIENCE)
     finally:
         sync[kernels.STATE] = kernels.ASLEEP
         slots.release()
@@ -139,7 +146,7 @@ class Pair:
         self.sync = sync = kernels.new_sync()
         self.plan = kernels.make_pair_plan(tuple(layers), sync, hprev)
         self.run = kernels.compiled_pair_step(self.plan)
-        key = (typeof(self.plan), int64, int64)
+        key = (typeof(self.plan), int64, int64, typeof(_WANTED), int64)
         if key not in kernels.serve.overloads:
             kernels.serve.compile(key)  # here, not in the worker's first seconds
         self._thread = None
@@ -152,7 +159,9 @@ class Pair:
             self._thread = None
         slots = _slots()
         if not slots.acquire(blocking=False):
+            _WANTED[0] = 1  # an idle worker of another stream leaves for us
             return
+        _WANTED[0] = 0
         self.sync[kernels.STATE] = kernels.RUNNING
         self._thread = threading.Thread(target=_serve, args=(self.plan, self.sync, slots),
                                         name="numlstm-pair", daemon=True)

@@ -4,6 +4,7 @@ import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from numba.core.runtime import _nrt_python, rtsys
 from strategies import sparsify
 
 import numlstm
@@ -55,3 +56,12 @@ def cuda_or_skip():
         pytest.skip("no CUDA GPU, and the CUDA simulator is off (set NUMBA_ENABLE_CUDASIM=1 "
                     "before Python starts, e.g. `tox -e cudasim`)")
     return cuda
+
+
+def nrt_allocations(step, n=50):
+    """numba NRT heap allocations made by ``n`` calls of ``step()``."""
+    _nrt_python.memsys_enable_stats()
+    before = rtsys.get_allocation_stats().alloc
+    for _ in range(n):
+        step()
+    return rtsys.get_allocation_stats().alloc - before

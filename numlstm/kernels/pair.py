@@ -146,13 +146,16 @@ def _pair_layer(sync, hprev, l, layer):
 
 
 @njit(**_OPTS)
-def serve(plan, spins, yields):
+def serve(plan, spins, yields, wanted, patience):
     """The worker's loop: claim and run half 1 of each published layer.
 
     Waits by spinning ``spins`` rounds of ``pause``, then ``yields`` calls
     of ``sched_yield`` (on a loaded core, other threads run then), then
     leaves: sets STATE to ASLEEP and returns, so an idle stream holds no
-    spinning thread. Also leaves when STOP is set.
+    spinning thread. Also leaves when STOP is set, and after ``patience``
+    idle rounds when ``wanted[0]`` is set (another stream waits for a worker
+    slot: its owner has stopped stepping, while a stream stepping without
+    pause keeps its worker, since its gaps are shorter than that).
     """
     sync, hprev = plan.sync, plan.hprev
     last = atomics.load(sync, GO)
@@ -167,6 +170,8 @@ def serve(plan, spins, yields):
                 atomics.store(sync, DONE, g)
             continue
         idle += 1
+        if idle > patience and atomics.load(wanted, 0) != 0:
+            break
         if idle <= spins:
             atomics.pause()
         elif idle <= spins + yields:
