@@ -112,6 +112,23 @@ def worth_two(model, batch_size):
     return sum(step_cost(weights[n]) for n in names) >= config.PAIR_MIN_NS
 
 
+_LIVE = weakref.WeakSet()  # every Pair, for the fork handler
+
+
+def _after_fork():
+    """In a forked child no worker runs: mark every Pair's worker as gone and
+    free the slots, so that the child's steps start workers of its own."""
+    global _SLOTS
+    _SLOTS = None
+    for p in list(_LIVE):
+        p.sync[kernels.STATE] = kernels.ASLEEP
+        p._thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 def _serve(plan, sync, slots):
     """The worker thread: serve until idle or stopped, then free the slot."""
     try:
@@ -150,7 +167,8 @@ class Pair:
         if key not in kernels.serve.overloads:
             kernels.serve.compile(key)  # here, not in the worker's first seconds
         self._thread = None
-        weakref.finalize(owner, _stop, sync)
+        weakref.finalize(owner, _stop, sync)  # also at exit: the worker leaves
+        _LIVE.add(self)
 
     def wake(self):
         """Start the worker if it has left and a worker slot is free."""

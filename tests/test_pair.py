@@ -3,6 +3,7 @@ same results as one thread, whoever computes which half; no allocation; the
 worker's lifecycle; when two threads are used."""
 
 import gc
+import os
 import time
 
 import numpy as np
@@ -231,3 +232,44 @@ def test_a_new_stream_takes_over_the_worker_slot_of_an_idle_one(two):
     assert b._pair._thread is not None
     first.join(10)
     assert not first.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: POSIX only")
+def test_a_forked_child_starts_workers_of_its_own(two, monkeypatch):
+    m = _model("csr", 2, 32)
+    x = np.random.default_rng(1).standard_normal((20, 1, 16)).astype(np.float32)
+    one = _one_thread(m, monkeypatch)
+    expected = np.stack([one.step(x[t]).copy() for t in range(20)])
+    s = m.stream(1)
+    _start_worker(s._pair)  # running in the parent when it forks
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when all is well
+        ok = False
+        try:
+            s.reset()
+            got = np.stack([s.step(x[t]).copy() for t in range(20)])
+            ok = np.allclose(got, expected, rtol=1e-6, atol=1e-7) and s._pair._thread is not None
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("two_cycles,one_cycles,chosen", [(100, 200, 2), (200, 100, 3),
+                                                          (98, 100, 3)])
+def test_the_caller_keeps_the_way_its_probes_found_faster(two_cycles, one_cycles, chosen):
+    """PROBE steps timed on two threads, PROBE alone (SKIP of each not
+    counted), then RUN steps the faster way (two only if >= 5% faster), then
+    probe again."""
+    sync = kernels.new_sync()
+    P, S = kernels.PROBE, kernels.SKIP
+    for phase, cycles in ((0, two_cycles), (1, one_cycles)):
+        for i in range(P):
+            assert sync[kernels.PHASE] == phase
+            kernels._account(sync, phase, 10**9 if i < S else cycles)  # outliers skipped
+    assert sync[kernels.SUM] == (P - S) * two_cycles
+    assert sync[kernels.SUM + 1] == (P - S) * one_cycles
+    assert sync[kernels.PHASE] == chosen and sync[kernels.LEFT] == kernels.RUN
+    for _ in range(kernels.RUN):
+        kernels._account(sync, chosen, 1)
+    assert sync[kernels.PHASE] == 0 and sync[kernels.SUM] == sync[kernels.SUM + 1] == 0

@@ -94,3 +94,14 @@ def yield_cpu(typingctx):
         builder.call(fn, [])
         return context.get_dummy_value()
     return nbtypes.none(), codegen
+
+
+@intrinsic
+def cycles(typingctx):
+    """The CPU's cycle counter (``rdtsc`` on x86): for comparing two
+    intervals measured by one thread, not a clock."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                            "llvm.readcyclecounter")
+        return builder.call(fn, [])
+    return nbtypes.int64(), codegen

@@ -13,7 +13,9 @@ worker's half is claimed with a compare-and-swap, by the worker when it sees
 the layer published, or by the caller itself when it has finished its own
 half and the worker has not claimed it (asleep, descheduled on a loaded
 machine, or gone). A step therefore never waits for a worker that has not
-started; it waits only for a half the worker is computing.
+started; it waits only for a half the worker is computing. And the caller
+measures both ways now and then and steps alone while that is faster
+(``PROBE``, ``RUN``): on a loaded machine, where the worker shares a core.
 
 Rows of each half: for the execution layouts (SELL kinds) the slices of
 that half (the layout orders rows by half: ``numlstm.layouts.halved``); for
@@ -34,9 +36,19 @@ from numlstm.kernels.plan import StepPlanType
 # Words of the shared sync array (int64), one cache line apart: the caller
 # writes GO and LAYER, both CLAIM, the worker DONE; STATE is the worker's
 # (RUNNING while it serves, ASLEEP once it has left), STOP the owner's.
-GO, LAYER, CLAIM, DONE, STATE, STOP = 0, 8, 16, 24, 32, 40
-SYNC_WORDS = 48
+# The last line is the caller's alone: its choice between two threads and
+# one (PHASE, LEFT, and the cycles its probes of each took, SUM).
+GO, LAYER, CLAIM, DONE, STATE, STOP, PHASE, LEFT, SUM = 0, 8, 16, 24, 32, 40, 48, 49, 50
+SYNC_WORDS = 56
 ASLEEP, RUNNING = 0, 1
+# Whether two threads pay is measured, not assumed: the caller times PROBE
+# steps on two threads, then PROBE alone (the first SKIP of each not
+# counted: the worker starting, caches), then runs the faster for RUN steps
+# (two only when at least 5% faster), and probes again. On a loaded machine
+# the worker shares a core with other work and two threads can lose; then
+# the caller steps alone (the worker, given nothing, leaves) until a probe
+# says otherwise. Phases: 0 probe two, 1 probe one, 2 run two, 3 run one.
+PROBE, SKIP, RUN = 64, 8, 4096
 
 
 def _part_product(on, xn, w0, data, indices, indptr, part):
@@ -121,28 +133,56 @@ def pair_step(plan):
     holds the shared words and ``hprev`` (O,) h_{t-1} of the layer in flight.
     """
     sync, hprev = plan.sync, plan.hprev
+    phase = sync[PHASE]
+    solo = phase == 1 or phase == 3
+    t0 = atomics.cycles()
     l = 0
     for layer in literal_unroll(plan.layers):  # (no loop in this body: numba unrolls it)
-        _pair_layer(sync, hprev, l, layer)
+        _pair_layer(sync, hprev, l, layer, solo)
         l += 1
-    return 1 if atomics.load(sync, STATE) == ASLEEP else 0
+    return _account(sync, phase, atomics.cycles() - t0)
 
 
 @njit(**_OPTS)
-def _pair_layer(sync, hprev, l, layer):
-    """Layer l's step: copy h_{t-1}, publish, half 0, then half 1 or the wait."""
+def _account(sync, phase, cycles):
+    """Count a step of ``cycles`` in ``phase`` and move to the next phase
+    when this one is over; returns ``pair_step``'s result."""
+    left = sync[LEFT] - 1
+    if phase < 2 and left < PROBE - SKIP:
+        sync[SUM + phase] += cycles
+    if left <= 0:
+        if phase == 0:
+            phase, left = 1, PROBE
+        elif phase == 1:
+            phase, left = (2 if 20 * sync[SUM] < 19 * sync[SUM + 1] else 3), RUN
+        else:
+            phase, left = 0, PROBE
+            sync[SUM] = sync[SUM + 1] = 0
+        sync[PHASE] = phase
+    sync[LEFT] = left
+    return 1 if phase % 2 == 0 and atomics.load(sync, STATE) == ASLEEP else 0
+
+
+@njit(**_OPTS)
+def _pair_layer(sync, hprev, l, layer, solo):
+    """Layer l's step: copy h_{t-1}, publish (unless ``solo``: then both
+    halves here), half 0, then half 1 or the wait for it."""
     h = layer[0]
     for j in range(h.shape[1]):
         hprev[j] = h[0, j]
+    if solo:
+        _part_step(0, hprev, *layer)
+        _part_step(1, hprev, *layer)
+        return
     g = atomics.load(sync, GO) + 1
     atomics.store(sync, LAYER, l)
     atomics.store(sync, GO, g)  # published: the worker may claim half 1 now
     _part_step(0, hprev, *layer)
     if atomics.cas(sync, CLAIM, g - 1, g):
         _part_step(1, hprev, *layer)
-    else:
-        while atomics.load(sync, DONE) != g:
-            atomics.pause()
+        return
+    while atomics.load(sync, DONE) != g:
+        atomics.pause()
 
 
 @njit(**_OPTS)
@@ -217,5 +257,8 @@ def compiled_pair_step(plan):
 
 
 def new_sync():
-    """Zeroed sync words: nothing published, the worker asleep."""
-    return np.zeros(SYNC_WORDS, np.int64)
+    """Fresh sync words: nothing published, the worker asleep, a probe of
+    two threads to begin with."""
+    sync = np.zeros(SYNC_WORDS, np.int64)
+    sync[LEFT] = PROBE
+    return sync
