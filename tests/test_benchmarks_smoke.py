@@ -104,6 +104,22 @@ def test_quick_pruning_benchmark_writes_expected_entries(quick_run):
     assert all(r["bits"] > 0 and r["stream_us"] > 0 for r in res["rows"])
 
 
+def test_quick_pair_benchmark_writes_expected_entries(quick_run):
+    with open(quick_run / "pair.json") as f:
+        res = json.load(f)
+    md = (quick_run / "pair.md").read_text()
+    assert md.startswith("# Benchmark `pair`") and "| dense, H=64 |" in md
+    assert res["quick"] is True
+    for cond in ("quiet", "loaded"):
+        rows = res[cond]
+        assert sorted(rows) == ["csr90/H=64", "dense/H=64"]
+        for e in rows.values():
+            # two threads ("two") compute exactly what one does
+            assert e["max_abs_diff"] == 0
+            assert e["two_threads"] == {"one": False, "auto": False, "two": True}
+            assert all(e["us_per_step"][m]["median"] > 0 for m in ("one", "auto", "two"))
+
+
 def test_quick_soak_benchmark_writes_expected_entries(quick_run):
     with open(quick_run / "soak.json") as f:
         res = json.load(f)

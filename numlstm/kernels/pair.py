@@ -37,8 +37,9 @@ from numlstm.kernels.plan import StepPlanType
 # writes GO and LAYER, both CLAIM, the worker DONE; STATE is the worker's
 # (RUNNING while it serves, ASLEEP once it has left), STOP the owner's.
 # The last line is the caller's alone: its choice between two threads and
-# one (PHASE, LEFT, and the cycles its probes of each took, SUM).
-GO, LAYER, CLAIM, DONE, STATE, STOP, PHASE, LEFT, SUM = 0, 8, 16, 24, 32, 40, 48, 49, 50
+# one (PHASE, LEFT, the cycles its probes of each took, SUM, and when its
+# last step began, LAST).
+GO, LAYER, CLAIM, DONE, STATE, STOP, PHASE, LEFT, SUM, LAST = 0, 8, 16, 24, 32, 40, 48, 49, 50, 52
 SYNC_WORDS = 56
 ASLEEP, RUNNING = 0, 1
 # Whether two threads pay is measured, not assumed: the caller times PROBE
@@ -140,7 +141,13 @@ def pair_step(plan):
     for layer in literal_unroll(plan.layers):  # (no loop in this body: numba unrolls it)
         _pair_layer(sync, hprev, l, layer, solo)
         l += 1
-    return _account(sync, phase, atomics.cycles() - t0)
+    # A step's cost: the time since the previous step began (its kernel and
+    # the caller's own work between: a worker spinning on a loaded machine
+    # slows both), or this kernel's time alone after a pause between steps.
+    kernel = atomics.cycles() - t0
+    since = t0 - sync[LAST]
+    sync[LAST] = t0
+    return _account(sync, phase, since if 0 < since < 8 * kernel else kernel)
 
 
 @njit(**_OPTS)
