@@ -258,18 +258,22 @@ def test_a_forked_child_starts_workers_of_its_own(two, monkeypatch):
 @pytest.mark.parametrize("two_cycles,one_cycles,chosen", [(100, 200, 2), (200, 100, 3),
                                                           (98, 100, 3)])
 def test_the_caller_keeps_the_way_its_probes_found_faster(two_cycles, one_cycles, chosen):
-    """PROBE steps timed on two threads, PROBE alone (SKIP of each not
-    counted), then RUN steps the faster way (two only if >= 5% faster), then
-    probe again."""
+    """PROBE steps in alternate blocks of BLOCK on two threads and alone (the
+    first step of each block not counted), then RUN steps the faster way
+    (two only if >= 5% faster), then probe again."""
     sync = kernels.new_sync()
-    P, S = kernels.PROBE, kernels.SKIP
-    for phase, cycles in ((0, two_cycles), (1, one_cycles)):
-        for i in range(P):
-            assert sync[kernels.PHASE] == phase
-            kernels._account(sync, phase, 10**9 if i < S else cycles)  # outliers skipped
-    assert sync[kernels.SUM] == (P - S) * two_cycles
-    assert sync[kernels.SUM + 1] == (P - S) * one_cycles
+    P, B = kernels.PROBE, kernels.BLOCK
+    for i in range(P):
+        assert sync[kernels.PHASE] == 0
+        alone = (i // B) % 2
+        assert kernels._alone(0, sync[kernels.LEFT]) == alone
+        cycles = one_cycles if alone else two_cycles
+        kernels._account(sync, 0, 10**9 if i % B == 0 else cycles)  # switches not counted
+    counted = P // 2 - P // B // 2
+    assert sync[kernels.SUM] == counted * two_cycles
+    assert sync[kernels.SUM + 1] == counted * one_cycles
     assert sync[kernels.PHASE] == chosen and sync[kernels.LEFT] == kernels.RUN
+    assert kernels._alone(chosen, kernels.RUN) == (chosen == 3)
     for _ in range(kernels.RUN):
         kernels._account(sync, chosen, 1)
     assert sync[kernels.PHASE] == 0 and sync[kernels.SUM] == sync[kernels.SUM + 1] == 0

@@ -42,14 +42,15 @@ from numlstm.kernels.plan import StepPlanType
 GO, LAYER, CLAIM, DONE, STATE, STOP, PHASE, LEFT, SUM, LAST = 0, 8, 16, 24, 32, 40, 48, 49, 50, 52
 SYNC_WORDS = 56
 ASLEEP, RUNNING = 0, 1
-# Whether two threads pay is measured, not assumed: the caller times PROBE
-# steps on two threads, then PROBE alone (the first SKIP of each not
-# counted: the worker starting, caches), then runs the faster for RUN steps
-# (two only when at least 5% faster), and probes again. On a loaded machine
-# the worker shares a core with other work and two threads can lose; then
-# the caller steps alone (the worker, given nothing, leaves) until a probe
-# says otherwise. Phases: 0 probe two, 1 probe one, 2 run two, 3 run one.
-PROBE, SKIP, RUN = 64, 8, 4096
+# Whether two threads pay is measured, not assumed: for PROBE steps the
+# caller alternates blocks of BLOCK steps on two threads and alone (the first
+# step of each block not counted: the switch), so that both ways see the
+# same load; then it runs the faster way for RUN steps (two only when at
+# least 5% faster), and probes again. On a loaded machine the worker shares
+# a core with other work and two threads can lose; then the caller steps
+# alone (the worker, given nothing, leaves) until a probe says otherwise.
+# Phases: 0 probing, 2 running on two threads, 3 running alone.
+PROBE, BLOCK, RUN = 256, 16, 8192
 
 
 def _part_product(on, xn, w0, data, indices, indptr, part):
@@ -135,7 +136,7 @@ def pair_step(plan):
     """
     sync, hprev = plan.sync, plan.hprev
     phase = sync[PHASE]
-    solo = phase == 1 or phase == 3
+    solo = _alone(phase, sync[LEFT]) == 1
     t0 = atomics.cycles()
     l = 0
     for layer in literal_unroll(plan.layers):  # (no loop in this body: numba unrolls it)
@@ -151,23 +152,30 @@ def pair_step(plan):
 
 
 @njit(**_OPTS)
+def _alone(phase, left):
+    """1 when the step with ``left`` steps to go in ``phase`` runs alone."""
+    if phase == 0:
+        return ((PROBE - left) // BLOCK) % 2
+    return 1 if phase == 3 else 0
+
+
+@njit(**_OPTS)
 def _account(sync, phase, cycles):
     """Count a step of ``cycles`` in ``phase`` and move to the next phase
     when this one is over; returns ``pair_step``'s result."""
-    left = sync[LEFT] - 1
-    if phase < 2 and left < PROBE - SKIP:
-        sync[SUM + phase] += cycles
+    left = sync[LEFT]
+    if phase == 0 and (PROBE - left) % BLOCK != 0:
+        sync[SUM + _alone(phase, left)] += cycles
+    left -= 1
     if left <= 0:
         if phase == 0:
-            phase, left = 1, PROBE
-        elif phase == 1:
             phase, left = (2 if 20 * sync[SUM] < 19 * sync[SUM + 1] else 3), RUN
         else:
             phase, left = 0, PROBE
             sync[SUM] = sync[SUM + 1] = 0
         sync[PHASE] = phase
     sync[LEFT] = left
-    return 1 if phase % 2 == 0 and atomics.load(sync, STATE) == ASLEEP else 0
+    return 1 if _alone(phase, left) == 0 and atomics.load(sync, STATE) == ASLEEP else 0
 
 
 @njit(**_OPTS)
