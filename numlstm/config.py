@@ -56,8 +56,9 @@ QUANTIZED_LAYOUT_SLACK = 0.25
 # Threads of a batch-1 stream step (NUMLSTM_STEP_THREADS): "auto" (two where
 # the process may run on two cores), or a number (1: never a worker thread).
 # Two only for steps estimated (by STEP_COSTS) at PAIR_MIN_NS or more: below
-# it the handoffs between cores cost more than half the work saves
-# (benchmarks/results/pair.md: x0.7-0.9 at 6-25 us, x1.3-2.6 from 30 us).
+# it the handoffs between cores cost about what half the work saves
+# (benchmarks/results/pair.md: forced two threads 0.8-1.15x of one at H=256,
+# 1.2-3x from H=512).
 STEP_THREADS = os.environ.get("NUMLSTM_STEP_THREADS", "auto")
 PAIR_MIN_NS = 25_000
 # ns of one product with one row of x, by ISA: per lane of a layout's entries
