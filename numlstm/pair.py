@@ -99,8 +99,10 @@ def worth_two(model, batch_size):
     CPU, B = 1, no projection, two threads allowed (``config.STEP_THREADS``),
     H even in halves of whole cache lines (H % 32 == 0), every layer's
     per-step products split by half, and an estimated step of at least
-    ``config.PAIR_MIN_NS`` (below it the handoffs cost more than half the
-    work saves: measured in benchmarks/results/pair.md)."""
+    ``config.PAIR_MIN_NS`` (below it the handoffs cost about what half the
+    work saves: measured in benchmarks/results/pair.md). Even then the
+    stream's probes keep two threads only while they are faster
+    (``numlstm.kernels.pair``)."""
     H = model.hidden_size
     if (batch_size != 1 or model.proj_size or model.engine.be.STAGED or H % 32
             or _threads() < 2):

@@ -165,7 +165,7 @@ def _expected_peers(case):
     from benchmarks.suite.config import PEERS
 
     has_torch, has_ort = _have("torch"), _have("torch", "onnx", "onnxruntime")
-    peers = {p for p in PEERS[case] if p != "scipy"}
+    peers = {p for p in PEERS[case] if p not in ("scipy", "csr-f32")}  # columns, no rows
     if not has_torch:
         peers -= {"torch-cell", "torch-lstm"}
     if not has_ort:
@@ -196,7 +196,7 @@ def test_quick_suite_runs_every_case(suite):
 
 
 def _check_timing_table(case, table, peers, repeats, variants, md, diff_bound=1e-4):
-    from benchmarks.suite.config import LABELS, SCIPY_PEER
+    from benchmarks.suite.config import F32_PEER, LABELS, PEERS, SCIPY_PEER
 
     rows = table["rows"]
     scipy = {SCIPY_PEER[v] for v in variants if v in SCIPY_PEER}
@@ -209,13 +209,14 @@ def _check_timing_table(case, table, peers, repeats, variants, md, diff_bound=1e
         assert r["label"].startswith(LABELS[key]), (case, key)
     comps = {(c["system"], c["peer"]): c for c in table["comparisons"]}
     for v in variants:
-        expected = (peers - {v}) | ({SCIPY_PEER[v]} if v in SCIPY_PEER and case in "ab"
-                                    else set())
+        f32 = F32_PEER.get(v) if "csr-f32" in PEERS[case] else None  # float32 CSR
+        expected = ((peers - {v}) | ({SCIPY_PEER[v]} if v in SCIPY_PEER and case in "ab"
+                                     else set()) | ({f32} if f32 else set()))
         assert {p for s, p in comps if s == v} == expected, (case, v)
         for p in expected:
             c = comps[(v, p)]
             assert math.isfinite(c["speedup"]) and c["speedup"] > 0, (case, v, p)
-            if p != "dense":  # another kind's weights: a ratio, not an agreement
+            if p not in ("dense", f32):  # another kind's weights: a ratio, not an agreement
                 assert 0 <= c["max_abs_diff"] < diff_bound, (case, v, p, c)
             if "grad_rel_diff" in c:
                 assert 0 <= c["grad_rel_diff"] < 1e-3, (case, v, p, c)
