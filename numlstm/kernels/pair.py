@@ -213,7 +213,9 @@ def serve(plan, spins, yields, wanted, patience):
     pause keeps its worker, since its gaps are shorter than that).
     """
     sync, hprev = plan.sync, plan.hprev
-    last = atomics.load(sync, GO)
+    # The last phase claimed, not published: a layer published before this
+    # thread got going may still be unclaimed (the caller is on its half 0).
+    last = atomics.load(sync, CLAIM)
     idle = 0
     while atomics.load(sync, STOP) == 0:
         g = atomics.load(sync, GO)
