@@ -49,16 +49,6 @@ def store(typingctx, a, i, v):
 
 
 @intrinsic
-def add(typingctx, a, i, v):
-    """a[i] += v atomically; returns the old value."""
-    if _int64_array(a) and isinstance(i, nbtypes.Integer) and isinstance(v, nbtypes.Integer):
-        def codegen(context, builder, sig, args):
-            val = context.cast(builder, args[2], sig.args[2], nbtypes.int64)
-            return builder.atomic_rmw("add", _slot(context, builder, sig, args), val, _ORDER)
-        return nbtypes.int64(a, i, v), codegen
-
-
-@intrinsic
 def cas(typingctx, a, i, expected, new):
     """If a[i] == expected, set it to new, atomically; True when it did."""
     ints = all(isinstance(t, nbtypes.Integer) for t in (i, expected, new))
