@@ -61,6 +61,14 @@ QUANTIZED_LAYOUT_SLACK = 0.25
 # 1.2-3x from H=512).
 STEP_THREADS = os.environ.get("NUMLSTM_STEP_THREADS", "auto")
 PAIR_MIN_NS = 25_000
+# A whole-sequence forward at B = 1 shares each time step between two threads
+# (numlstm.pair.worth_two_seq) when W_hh's product is estimated (STEP_COSTS)
+# at PAIR_SEQ_MIN_NS or more and the whole sequence's at PAIR_SEQ_MIN_TOTAL_NS
+# (a worker thread costs ~0.1 ms to start). Measured on the Xeon below, T=1000
+# (forced two threads vs one): H=512 dense 2.4x, 90% CSR 1.4x; H=1024 90% CSR
+# 2.1x; H=256 dense 1.0-1.2x, 90% CSR 0.8x (estimate 5 us: excluded).
+PAIR_SEQ_MIN_NS = 10_000
+PAIR_SEQ_MIN_TOTAL_NS = 1_000_000
 # ns of one product with one row of x, by ISA: per lane of a layout's entries
 # (padding included), per window or slice, per dense entry, per CSR value and
 # row; times "beyond_l2" for a layout that does not fit in L2. Fitted with

@@ -259,7 +259,7 @@ class Engine:
         be.matmul_batch(gates.reshape(T * B, gates.shape[2]), x2d, params.weight("ih", l, d))
         be.seq_forward((v[f"hs{tag}"], v[f"cs{tag}"], gates, v[f"rs{tag}"], v["scratch"],
                         lengths) + params.biases(l, d) + params.recurrent_args(l, d, B),
-                       params.cell_args(l, d))
+                       params.cell_args(l, d), params.two_threads(l, d, T, B))
 
     def _layer_forward_segments(self, v, l, d, layer_in, out, h0, c0, h_n, c_n, seglens,
                                 rev_index, k):
@@ -315,7 +315,7 @@ class Engine:
         be.matmul_batch(gates.reshape(rows, gates.shape[2]), xs, params.weight("ih", l, d))
         be.seq_forward((v["hs"][:n + 1], v["cs"][:n + 1], gates, v["rs"][:n], v["scratch"],
                         lens) + params.biases(l, d) + params.recurrent_args(l, d, B),
-                       params.cell_args(l, d))
+                       params.cell_args(l, d), params.two_threads(l, d, n, B))
         return xs
 
     # ------------------------------------------------------------------

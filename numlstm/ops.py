@@ -5,6 +5,7 @@ and the size of the work (serial or parallel variant: docs/design.md,
 Kernels), and calls it. No element loops here.
 """
 
+import numba
 import numpy as np
 
 from numlstm import config, weights
@@ -61,3 +62,26 @@ def transpose(out, a):
         cpu_kernels.transpose_parallel(out, np.ascontiguousarray(a))
     else:
         cpu_kernels.transpose(out, np.ascontiguousarray(a))
+
+
+# Rows of a batch part: the panel kernels take eight rows of x at a time.
+PART_ROWS = 8
+
+
+def batch_parts(B, work, blas):
+    """Row bounds (P+1,) int64 of a recurrence shared by P threads by batch
+    rows (``kernels.cpu.lstm_seq_forward_split``), or None for one thread.
+
+    Parts are whole panels of PART_ROWS rows, one per thread numba may use,
+    and only for ``work`` (multiply-adds of the recurrence) of at least
+    ``config.PARALLEL_MIN_WORK``. ``blas``: the per-step products are dense;
+    BLAS threads those itself above ``DENSE_ROWS_MAX_N`` rows, so parts
+    that large are not split again.
+    """
+    parts = min(numba.get_num_threads(), B // PART_ROWS)
+    if parts < 2 or work < config.PARALLEL_MIN_WORK:
+        return None
+    rows = -(-B // (parts * PART_ROWS)) * PART_ROWS
+    if blas and rows > cpu_kernels.DENSE_ROWS_MAX_N:
+        return None
+    return np.minimum(np.arange(0, B + rows, rows, dtype=np.int64), B)

@@ -114,6 +114,49 @@ def worth_two(model, batch_size):
     return sum(step_cost(weights[n]) for n in names) >= config.PAIR_MIN_NS
 
 
+def worth_two_seq(weight, H, P, T, B):
+    """Whether a whole-sequence forward recurrence over W_hh ``weight`` (T
+    steps, B rows, H units, projection P) runs on two threads, each time
+    step split by hidden-unit halves (``kernels.pair_seq_forward``): CPU
+    only (the caller's), B = 1 (larger batches split by rows instead:
+    ``ops.batch_parts``), no projection, H % 32 == 0, a weight that splits
+    by half, a step of at least ``config.PAIR_SEQ_MIN_NS`` and a sequence
+    long enough to repay starting the worker (``PAIR_SEQ_MIN_TOTAL_NS``).
+    Even then the probes keep two threads only while they are faster."""
+    if B != 1 or P or H % 32 or _threads() < 2 or not _splits(weight, H):
+        return False
+    cost = step_cost(weight)
+    return cost >= config.PAIR_SEQ_MIN_NS and T * cost >= config.PAIR_SEQ_MIN_TOTAL_NS
+
+
+def forward_sequence(args, cell):
+    """``cpu.lstm_seq_forward(*args, cell)`` at B = 1 on this thread and a
+    worker (started here, stopped at the end); False (nothing done) when no
+    worker slot is free, and the caller runs it alone."""
+    slots = _slots()
+    if not slots.acquire(blocking=False):
+        return False
+    try:
+        sync = kernels.new_sync()
+        plan = kernels.make_seq_plan(tuple(args) + (cell,), sync)
+        key = (typeof(plan), int64, int64, typeof(_WANTED), int64)
+        if key not in kernels.serve.overloads:
+            kernels.serve.compile(key)  # here, not while the caller steps alone
+        sync[kernels.STATE] = kernels.RUNNING
+        worker = threading.Thread(target=_serve, args=(plan, sync, slots),
+                                  name="numlstm-pair-seq", daemon=True)
+    except BaseException:
+        slots.release()
+        raise
+    worker.start()  # from here on _serve releases the slot
+    try:
+        kernels.pair_seq_forward(plan)
+    finally:
+        sync[kernels.STOP] = 1
+        worker.join()
+    return True
+
+
 _LIVE = weakref.WeakSet()  # every Pair, for the fork handler
 
 

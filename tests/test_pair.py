@@ -4,6 +4,7 @@ worker's lifecycle; when two threads are used."""
 
 import gc
 import os
+import threading
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from helpers import nrt_allocations
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 import numlstm
 from numlstm import config, layouts, pair
@@ -64,6 +66,12 @@ def _start_worker(p):
     raise AssertionError("no worker slot came free in 10 s")
 
 
+@njit
+def _run_half(plan, word, part):
+    """Half ``part`` of job ``word`` of ``plan``, here."""
+    kernels._half(kernels._job(plan), word, part)
+
+
 def _one_thread(m, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(config, "STEP_THREADS", "1")
@@ -114,7 +122,7 @@ def test_the_worker_computes_the_second_half_of_a_published_layer(kind, two, mon
             break
         p._thread.join(0.01)
     assert sync[kernels.DONE] == 1 and sync[kernels.CLAIM] == 1
-    kernels._layer_part(p.plan, 0, 0, s._hprev)
+    _run_half(p.plan, 0, 0)
     p.stop()
     expected = one.step(x)
     np.testing.assert_allclose(s._h[0], expected, rtol=1e-6, atol=1e-7)
@@ -277,3 +285,144 @@ def test_the_caller_keeps_the_way_its_probes_found_faster(two_cycles, one_cycles
     for _ in range(kernels.RUN):
         kernels._account(sync, chosen, 1)
     assert sync[kernels.PHASE] == 0 and sync[kernels.SUM] == sync[kernels.SUM + 1] == 0
+
+
+# ----------------------------------------------------------------------------
+# Whole sequences at B = 1: each time step shared by unit halves
+# ----------------------------------------------------------------------------
+
+@pytest.fixture
+def two_seq(monkeypatch):
+    """Every batch-1 sequence on two threads, every step handed off (no probe)."""
+    monkeypatch.setattr(config, "STEP_THREADS", "2")
+    monkeypatch.setattr(config, "PAIR_SEQ_MIN_NS", 0)
+    monkeypatch.setattr(config, "PAIR_SEQ_MIN_TOTAL_NS", 0)
+    fresh = kernels.new_sync
+
+    def always_two():
+        sync = fresh()
+        sync[kernels.PHASE], sync[kernels.LEFT] = 2, 10**9
+        return sync
+    monkeypatch.setattr(kernels, "new_sync", always_two)
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(KINDS), L=st.integers(1, 2), H=st.sampled_from([32, 64]),
+       cell=st.sampled_from(CELLS), T=st.integers(1, 40), short=st.integers(0, 39),
+       seed=st.integers(0, 100), dtype=st.sampled_from([np.float32, np.float64]))
+def test_a_sequence_on_two_threads_gives_what_one_gives(kind, L, H, cell, T, short, seed,
+                                                         dtype):
+    """Outputs, final state and (trainable kinds) the gradients from its tape;
+    a sequence shorter than T pads the rest."""
+    x = np.random.default_rng(seed).standard_normal((T, 1, 16)).astype(dtype)
+    lengths = np.array([max(1, T - short)])
+    m = _model(kind, L, H, cell, "auto", seed, dtype)
+    train = kind in ("dense", "csr", "csr-per-row", "bsr")
+    results = []
+    for threads in ("1", "2"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(config, "STEP_THREADS", threads)
+            mp.setattr(config, "PAIR_SEQ_MIN_NS", 0)
+            mp.setattr(config, "PAIR_SEQ_MIN_TOTAL_NS", 0)
+            calls = []
+            real = pair.forward_sequence
+            mp.setattr(pair, "forward_sequence",
+                       lambda *a, _c=calls, _r=real: _c.append(1) or _r(*a))
+            y, (h, c) = m(x, lengths=lengths, training=train)
+            out = [y, h, c]
+            if train:
+                m.zero_grad()
+                dx, _ = m.backward(np.ones_like(y))
+                out += [dx] + [np.array(g) for g in m.grad_arrays().values()]
+            assert bool(calls) == (threads == "2" and H % 32 == 0)
+            results.append(out)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(b, a, **tol)
+
+
+def test_the_worker_computes_the_second_half_of_a_published_time_step(two_seq, monkeypatch):
+    """Deterministic split of one time step: the worker thread claims half 1
+    of step 0 published by hand, this thread runs half 0; together the step."""
+    monkeypatch.setattr(pair, "SPINS", 10**9)  # the worker waits for the step
+    H, T = 64, 3
+    m = _model("csr", 1, H, {})
+    x = np.random.default_rng(0).standard_normal((T, 1, 16)).astype(np.float32)
+    seen = {}
+    from numlstm.backends import cpu as cpu_backend
+    real = cpu_backend.seq_forward
+
+    def keep(args, cell, two=False):
+        seen["args"], seen["cell"] = tuple(a.copy() if isinstance(a, np.ndarray) else a
+                                           for a in args), cell
+        return real(args, cell, False)
+    monkeypatch.setattr(cpu_backend, "seq_forward", keep)
+    y, _ = m(x)
+    args, cell = seen["args"], seen["cell"]  # hs, cs as the kernel got them, gates x W_ih^T
+    sync = kernels.new_sync()
+    plan = kernels.make_seq_plan(args + (cell,), sync)
+    slots = pair._slots()
+    assert slots.acquire(timeout=10)
+    sync[kernels.STATE] = kernels.RUNNING
+    worker = threading.Thread(target=pair._serve, args=(plan, sync, slots))
+    worker.start()
+    sync[kernels.LAYER] = 0
+    sync[kernels.GO] = 1  # published: the worker claims half 1
+    for _ in range(3000):
+        if sync[kernels.DONE] == 1:
+            break
+        worker.join(0.01)
+    assert sync[kernels.DONE] == 1 and sync[kernels.CLAIM] == 1
+    _run_half(plan, 0, 0)
+    sync[kernels.STOP] = 1
+    worker.join()
+    hs = args[0]
+    np.testing.assert_allclose(hs[1, 0], y[0, 0], rtol=1e-6, atol=1e-7)
+
+
+def test_when_a_sequence_uses_two_threads(monkeypatch):
+    monkeypatch.setattr(config, "STEP_THREADS", "2")
+    monkeypatch.setattr(config, "PAIR_SEQ_MIN_NS", 0)
+    monkeypatch.setattr(config, "PAIR_SEQ_MIN_TOTAL_NS", 0)
+    w = _model("dense", 1, 64).host_params.weights["weight_hh_l0"]
+    assert pair.worth_two_seq(w, 64, 0, 10, 1)
+    assert not pair.worth_two_seq(w, 64, 0, 10, 2)  # batches split by rows instead
+    assert not pair.worth_two_seq(w, 64, 8, 10, 1)  # a projection
+    assert not pair.worth_two_seq(w, 48, 0, 10, 1)  # halves not whole cache lines
+    monkeypatch.setattr(config, "PAIR_SEQ_MIN_TOTAL_NS", 10**12)
+    assert not pair.worth_two_seq(w, 64, 0, 10, 1)  # too short to repay the worker
+    monkeypatch.setattr(config, "PAIR_SEQ_MIN_TOTAL_NS", 0)
+    monkeypatch.setattr(config, "STEP_THREADS", "1")
+    assert not pair.worth_two_seq(w, 64, 0, 10, 1)
+
+
+def test_a_sequence_runs_alone_when_no_worker_slot_is_free(two_seq):
+    m = _model("dense", 1, 32)
+    x = np.ones((5, 1, 16), np.float32)
+    expected, _ = m(x)
+    slots = pair._slots()
+    taken = []
+    while slots.acquire(blocking=False):
+        taken.append(1)
+    try:
+        assert not pair.forward_sequence(*_captured_args(m, x))
+        y, _ = m(x)
+    finally:
+        for _ in taken:
+            slots.release()
+    np.testing.assert_array_equal(y, expected)
+
+
+def _captured_args(m, x):
+    """The (args, cell) of m's forward recurrence on x."""
+    from numlstm.backends import cpu as cpu_backend
+    seen = {}
+    real = cpu_backend.seq_forward
+
+    def keep(args, cell, two=False):
+        seen["a"] = (args, cell)
+        return real(args, cell, False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_backend, "seq_forward", keep)
+        m(x)
+    return seen["a"]

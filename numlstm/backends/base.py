@@ -53,6 +53,12 @@ class ParamLookups:
             return self.no_proj
         return self._step_args(self.weight(kind, layer, d), B)
 
+    def two_threads(self, layer, d, T, B):
+        """Whether the forward recurrence of a layer and direction over T
+        steps of B rows runs on two threads by hidden-unit halves (the CPU
+        backend's choice; never on the GPU)."""
+        return False
+
     def recurrent_args(self, layer, d, B):
         """W_hh's and W_hr's arguments for a recurrence over B rows."""
         return self.step_args("hh", layer, d, B) + self.step_args("hr", layer, d, B)

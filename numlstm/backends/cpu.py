@@ -9,7 +9,7 @@ flags say so (``STAGED = False``).
 
 import numpy as np
 
-from numlstm import checks, config, ops
+from numlstm import checks, config, ops, pair
 from numlstm import weights as weights_mod
 from numlstm.backends.base import ParamLookups
 from numlstm.kernels import cpu as cpu_kernels
@@ -51,6 +51,7 @@ class Params(ParamLookups):
         self.params, self.grads = params, grads
         self.weights = {n: p for n, p in params.items() if n.startswith("weight")}
         self.has_bias, self.proj_size, self.cell = bias, proj_size, cell
+        self.hidden_size = hidden_size
         self.no_bias = np.zeros(4 * hidden_size, dtype)  # read-only zeros
         self.no_proj = weights_mod.Dense(np.zeros((0, 0), dtype)).kernel_args()  # P = 0
         self.no_peep = np.zeros((0, hidden_size), dtype)
@@ -73,6 +74,10 @@ class Params(ParamLookups):
         (values written in place in any way are then seen)."""
         if B < config.STEP_MAX_B:
             self.refresh_layouts()
+
+    def two_threads(self, layer, d, T, B):
+        return pair.worth_two_seq(self.weight("hh", layer, d), self.hidden_size,
+                                  self.proj_size, T, B)
 
     def refresh_layouts(self):
         """Copy the current weight values into the per-step execution layouts."""
@@ -211,14 +216,34 @@ def bias_grad_acc(g_ih, g_hh, dz, v):
     g_hh += db
 
 
-def seq_forward(args, cell):
+def _parts(gates, w0, data):
+    """``ops.batch_parts`` for a recurrence over ``gates`` (T, B, G) with W_hh
+    given as (w0, data, ...)."""
+    dense = w0.shape[0] > 0 and data.size == 0
+    stored = w0.size if dense else data.size
+    return ops.batch_parts(gates.shape[1], gates.shape[0] * gates.shape[1] * stored, dense)
+
+
+def seq_forward(args, cell, two=False):
     # The arguments cross into numba as one tuple and the cell (docs/design.md,
-    # Kernels: "Calls from Python pass one prebuilt tuple").
-    cpu_kernels.lstm_seq_forward_packed(args, cell)
+    # Kernels: "Calls from Python pass one prebuilt tuple"). Batches of whole
+    # panels share the recurrence between threads by rows; with ``two``
+    # (``Params.two_threads``) a batch-1 one shares each step by unit halves.
+    if two and pair.forward_sequence(args, cell):
+        return
+    bounds = _parts(args[2], args[8], args[9])
+    if bounds is None:
+        cpu_kernels.lstm_seq_forward_packed(args, cell)
+    else:
+        cpu_kernels.lstm_seq_forward_split(bounds, args, cell)
 
 
 def seq_backward(args, cell):
-    cpu_kernels.lstm_seq_backward_packed(args, cell)
+    bounds = _parts(args[2], args[11], args[12])
+    if bounds is None or (cell and cell[2].shape[0] > 0):  # peepholes: see the kernel
+        cpu_kernels.lstm_seq_backward_packed(args, cell)
+    else:
+        cpu_kernels.lstm_seq_backward_split(bounds, args, cell)
 
 
 def step_plan(layers):

@@ -200,7 +200,8 @@ def bias_grad_acc(g_ih, g_hh, dz, v):
     cuda_optim.bias_grad_acc(g_ih, g_hh, dz, stream=CUDA_STREAM)
 
 
-def seq_forward(args, cell):
+def seq_forward(args, cell, two=False):
+    # (``two``: a CPU choice; Params.two_threads is always False here)
     if PERSISTENT_FORWARD:
         cuda_kernels.lstm_seq_forward_persistent(*args, cell, stream=CUDA_STREAM)
     else:

@@ -304,7 +304,7 @@ sparse_matmul, sparse_matmul_parallel = _variants(_sparse_matmul)
 # Measured on a Xeon (Emerald Rapids) for a 1024x256 float32 W, quiet machine:
 # BLAS 18 / 82 / 72 / 77 / 96 us at N = 1 / 2 / 4 / 8 / 16 rows (two threads),
 # ``_dense_rows`` 17 / 28 / 31 / 62 / 119 us (one thread; 4x4 blocks from N = 4).
-_DENSE_ROWS_MAX_N = 8
+DENSE_ROWS_MAX_N = 8
 
 
 @njit(**_OPTS)
@@ -383,7 +383,7 @@ def _product_overload(out, x, w0, data, indices, indptr, transposed):
     if data.ndim == 1 and isinstance(data.dtype, nbtypes.Float):
         # Dense, or float CSR (which passes an empty w0): decided at run time.
         def dense_or_csr(out, x, w0, data, indices, indptr, transposed):
-            if w0.shape[0] > 0 and not transposed and x.shape[0] <= _DENSE_ROWS_MAX_N:
+            if w0.shape[0] > 0 and not transposed and x.shape[0] <= DENSE_ROWS_MAX_N:
                 _dense_rows(out, x, w0)
             elif w0.shape[0] > 0 and transposed:
                 np.dot(x, w0, out)
@@ -424,22 +424,41 @@ def dense_grad_acc(grad, tmp, dz, a):
     grad += tmp
 
 
+# Columns of N per pass of the SDDMMs: a pass reads a_t[:, n0:n0+SDDMM_CHUNK]
+# (K rows of 2 KiB in float32), small enough to stay in L2 while every stored
+# value of a thread's rows meets it; whole rows of a_t (12.8 KB each at N =
+# 3200) came from L3 or DRAM once per stored value. Measured on a Xeon
+# (Emerald Rapids): 2048x512 at 90% sparsity, N = 3200, 2 threads: 21 ms
+# whole rows, 15 ms in passes of 512 (25 ms at 128, 21 ms at 1024).
+SDDMM_CHUNK = 512
+# Row blocks of the SDDMMs' threads (numba's prange hands each thread a
+# contiguous run of them).
+_SDDMM_PARTS = 16
+
+
 def _sddmm_acc(gdata, dz_t, a_t, indices, indptr):
     """Weight gradient on a stored pattern (sampled dense-dense product).
 
     For every stored (r, c) = (row, indices[k]):
     ``gdata[k] += sum_n dz_t[r, n] * a_t[c, n]``, with dz_t (R, N) and a_t (K, N)
-    transposed so that each sum reads two contiguous rows. Rows are split over
-    threads, so no two threads write the same value.
+    transposed so that each sum reads two contiguous rows, in passes of
+    SDDMM_CHUNK columns. Blocks of rows are split over threads, so no two
+    threads write the same value.
     """
+    R, N = indptr.shape[0] - 1, dz_t.shape[1]
+    parts = min(R, _SDDMM_PARTS)
     zero = gdata.dtype.type(0)
-    for r in prange(indptr.shape[0] - 1):
-        for k in range(indptr[r], indptr[r + 1]):
-            c = indices[k]
-            acc = zero
-            for n in range(dz_t.shape[1]):
-                acc += dz_t[r, n] * a_t[c, n]
-            gdata[k] += acc
+    for p in prange(parts):
+        for n0 in range(0, N, SDDMM_CHUNK):
+            n1 = min(n0 + SDDMM_CHUNK, N)
+            for r in range(p * R // parts, (p + 1) * R // parts):
+                dz_row = dz_t[r, n0:n1]
+                for k in range(indptr[r], indptr[r + 1]):
+                    a_row = a_t[np.uint32(indices[k]), n0:n1]
+                    acc = zero
+                    for n in range(n1 - n0):
+                        acc += dz_row[n] * a_row[n]
+                    gdata[k] += acc
 
 
 sddmm_acc, sddmm_acc_parallel = _variants(_sddmm_acc)
@@ -448,20 +467,25 @@ sddmm_acc, sddmm_acc_parallel = _variants(_sddmm_acc)
 def _bsr_sddmm_acc(gdata, dz_t, a_t, indices, indptr):
     """``_sddmm_acc`` for BSR: gdata (nblocks, br, bc) over the stored blocks,
     block row rb covering rows rb*br ... and block k columns indices[k]*bc ...
-    Block rows are split over threads."""
+    Blocks of block rows are split over threads."""
     br, bc = gdata.shape[1], gdata.shape[2]
+    RB, N = indptr.shape[0] - 1, dz_t.shape[1]
+    parts = min(RB, _SDDMM_PARTS)
     zero = gdata.dtype.type(0)
-    for rb in prange(indptr.shape[0] - 1):
-        for k in range(indptr[rb], indptr[rb + 1]):
-            c0 = indices[k] * bc
-            for i in range(br):
-                dz_row = dz_t[rb * br + i]
-                for j in range(bc):
-                    a_row = a_t[c0 + j]
-                    acc = zero
-                    for n in range(dz_t.shape[1]):
-                        acc += dz_row[n] * a_row[n]
-                    gdata[k, i, j] += acc
+    for p in prange(parts):
+        for n0 in range(0, N, SDDMM_CHUNK):
+            n1 = min(n0 + SDDMM_CHUNK, N)
+            for rb in range(p * RB // parts, (p + 1) * RB // parts):
+                for k in range(indptr[rb], indptr[rb + 1]):
+                    c0 = np.uint32(indices[k]) * bc
+                    for i in range(br):
+                        dz_row = dz_t[rb * br + i, n0:n1]
+                        for j in range(bc):
+                            a_row = a_t[c0 + j, n0:n1]
+                            acc = zero
+                            for n in range(n1 - n0):
+                                acc += dz_row[n] * a_row[n]
+                            gdata[k, i, j] += acc
 
 
 bsr_sddmm_acc, bsr_sddmm_acc_parallel = _variants(_bsr_sddmm_acc)
@@ -772,23 +796,46 @@ def lstm_seq_forward(hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
     Steps t >= lengths[b] are padding: row b's state is carried unchanged and
     its activations are set to zero.
     """
-    T = gates.shape[0]
+    _seq_forward_rows(0, gates.shape[1], hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
+                      whh, whh_data, whh_indices, whh_indptr,
+                      whr, whr_data, whr_indices, whr_indptr, cell)
+
+
+@njit(**_OPTS)
+def _seq_forward_rows(b0, b1, hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
+                      whh, whh_data, whh_indices, whh_indptr,
+                      whr, whr_data, whr_indices, whr_indptr, cell):
+    """``lstm_seq_forward`` of the batch rows b0 <= b < b1 only: the rows'
+    recurrences are independent, so threads can share a sequence by rows
+    (``lstm_seq_forward_split``). Views of rows [b0, b1) of a step stay
+    C-contiguous, so the products take them as they take whole steps."""
+    for t in range(gates.shape[0]):
+        seq_step_rows(t, b0, b1, hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
+                      whh, whh_data, whh_indices, whh_indptr,
+                      whr, whr_data, whr_indices, whr_indptr, cell)
+
+
+@njit(**_OPTS)
+def seq_step_rows(t, b0, b1, hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
+                  whh, whh_data, whh_indices, whh_indptr,
+                  whr, whr_data, whr_indices, whr_indptr, cell):
+    """Step t of ``_seq_forward_rows`` (the two-thread sequence's caller runs
+    it when it steps alone: ``numlstm.kernels.pair``)."""
     projected = rs.shape[0] > 0
-    for t in range(T):
-        matmul(scratch, hs[t], whh, whh_data, whh_indices, whh_indptr)
-        act = gates[t]
-        for b in range(act.shape[0]):
-            if t < lengths[b]:
-                _cell_step(cell, cs[t + 1, b], act[b], rs[t, b] if projected else hs[t + 1, b],
-                           cs[t, b], scratch[b], bias_ih, bias_hh)
-            else:
-                _carry(act, cs, hs, rs, t, b, projected)
-        if projected:
-            matmul(hs[t + 1], rs[t], whr, whr_data, whr_indices, whr_indptr)
-            for b in range(act.shape[0]):
-                if t >= lengths[b]:
-                    for j in range(hs.shape[2]):
-                        hs[t + 1, b, j] = hs[t, b, j]
+    matmul(scratch[b0:b1], hs[t, b0:b1], whh, whh_data, whh_indices, whh_indptr)
+    act = gates[t]
+    for b in range(b0, b1):
+        if t < lengths[b]:
+            _cell_step(cell, cs[t + 1, b], act[b], rs[t, b] if projected else hs[t + 1, b],
+                       cs[t, b], scratch[b], bias_ih, bias_hh)
+        else:
+            _carry(act, cs, hs, rs, t, b, projected)
+    if projected:
+        matmul(hs[t + 1, b0:b1], rs[t, b0:b1], whr, whr_data, whr_indices, whr_indptr)
+        for b in range(b0, b1):
+            if t >= lengths[b]:
+                for j in range(hs.shape[2]):
+                    hs[t + 1, b, j] = hs[t, b, j]
 
 
 @njit(**_OPTS)
@@ -809,26 +856,41 @@ def lstm_seq_backward(dh, dc, gates, dhs, scratch_o, scratch_h,
     cell as given to the forward (a variant's peephole gradient is added to
     its dpeep).
     """
+    _seq_backward_rows(0, gates.shape[1], dh, dc, gates, dhs, scratch_o, scratch_h,
+                       dy, hs, cs, rs, lengths,
+                       whh, whh_data_t, whh_indices_t, whh_indptr_t,
+                       whr, whr_data_t, whr_indices_t, whr_indptr_t, cell)
+
+
+@njit(**_OPTS)
+def _seq_backward_rows(b0, b1, dh, dc, gates, dhs, scratch_o, scratch_h,
+                       dy, hs, cs, rs, lengths,
+                       whh, whh_data_t, whh_indices_t, whh_indptr_t,
+                       whr, whr_data_t, whr_indices_t, whr_indptr_t, cell):
+    """``lstm_seq_backward`` of the batch rows b0 <= b < b1 only (as
+    ``_seq_forward_rows``). A variant cell's peephole gradient sums over
+    rows, so threads may split a backward by rows only without peepholes."""
     T = gates.shape[0]
     projected = rs.shape[0] > 0
     for t in range(T - 1, -1, -1):
         act = gates[t]
         # dcur: gradient reaching h_t, from the output and from step t+1.
         dcur = dhs[t] if projected else scratch_o
-        for b in range(act.shape[0]):
+        for b in range(b0, b1):
             valid = t < lengths[b]
             for j in range(dcur.shape[1]):
                 dcur[b, j] = dh[b, j] + dy[t, b, j] if valid else 0
         if projected:
-            matmul_t(scratch_h, dcur, whr, whr_data_t, whr_indices_t, whr_indptr_t)
+            matmul_t(scratch_h[b0:b1], dcur[b0:b1], whr, whr_data_t, whr_indices_t,
+                     whr_indptr_t)
             dr = scratch_h
         else:
             dr = dcur
-        for b in range(act.shape[0]):
+        for b in range(b0, b1):
             if t < lengths[b]:  # padding: dh, dc pass through; act is already zero
                 _cell_step_back(cell, act[b], dc[b], dr[b], cs[t + 1, b], cs[t, b])
-        matmul_t(scratch_o, act, whh, whh_data_t, whh_indices_t, whh_indptr_t)
-        for b in range(act.shape[0]):
+        matmul_t(scratch_o[b0:b1], act[b0:b1], whh, whh_data_t, whh_indices_t, whh_indptr_t)
+        for b in range(b0, b1):
             if t < lengths[b]:
                 for j in range(dh.shape[1]):
                     dh[b, j] = scratch_o[b, j]
@@ -848,6 +910,25 @@ def lstm_seq_backward_packed(args, cell):
     19 other arguments in one tuple (a 20-tuple built per call would fill
     CPython 3.11's free list of 20-tuples, 400 KB)."""
     lstm_seq_backward(*args, cell)
+
+
+@njit(parallel=True, **_OPTS)
+def lstm_seq_forward_split(bounds, args, cell):
+    """``lstm_seq_forward(*args, cell)`` on threads, one per part of the
+    batch: part p takes rows bounds[p] <= b < bounds[p+1] (``bounds`` (P+1,)
+    int64, from ``numlstm.ops.batch_parts``). Python calls it, never a
+    kernel (see ``_variants``)."""
+    for p in prange(bounds.shape[0] - 1):
+        _seq_forward_rows(bounds[p], bounds[p + 1], *args, cell)
+
+
+@njit(parallel=True, **_OPTS)
+def lstm_seq_backward_split(bounds, args, cell):
+    """``lstm_seq_backward(*args, cell)`` on threads by batch rows, as
+    ``lstm_seq_forward_split`` (not for a cell with peepholes: their
+    gradient sums over rows)."""
+    for p in prange(bounds.shape[0] - 1):
+        _seq_backward_rows(bounds[p], bounds[p + 1], *args, cell)
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""A batch-1 stream step on two cores: each thread owns half the hidden units.
+"""A batch-1 stream step (or sequence step) on two cores: each thread owns half
+the hidden units.
 
 Thread 0 (the caller's) and thread 1 (a worker, ``numlstm.pair``) each
 compute the gate rows of their half of the hidden units, i, f, g and o of
@@ -17,6 +18,9 @@ started; it waits only for a half the worker is computing. And the caller
 measures both ways now and then and steps alone while that is faster
 (``PROBE``, ``RUN``): on a loaded machine, where the worker shares a core.
 
+A whole-sequence forward at B = 1 (``pair_seq_forward``) makes each time
+step such a job: hs[t] is read-only during step t, so it needs no copy.
+
 Rows of each half: for the execution layouts (SELL kinds) the slices of
 that half (the layout orders rows by half: ``numlstm.layouts.halved``); for
 dense, CSR and BSR arrays the four row ranges g*H + [u0, u1).
@@ -30,7 +34,14 @@ from numba.extending import overload
 
 from numlstm.kernels import atomics
 from numlstm.kernels import vector_ir as vir
-from numlstm.kernels.cpu import _OPTS, _cell_units, _dense_rows, _half_to_float, _sparse_row
+from numlstm.kernels.cpu import (
+    _OPTS,
+    _cell_units,
+    _dense_rows,
+    _half_to_float,
+    _sparse_row,
+    seq_step_rows,
+)
 from numlstm.kernels.plan import StepPlanType
 
 # Words of the shared sync array (int64), one cache line apart: the caller
@@ -116,13 +127,78 @@ def _part_step(part, hprev, h, c, gates, r, x,
 
 
 @njit(**_OPTS)
-def _layer_part(plan, l, part, hprev):
-    """``_part_step`` of layer l of the plan."""
+def _layer_part(layers, l, part, hprev):
+    """``_part_step`` of layer l of ``layers``."""
     k = 0
-    for layer in literal_unroll(plan.layers):
+    for layer in literal_unroll(layers):
         if k == l:
             _part_step(part, hprev, *layer)
         k += 1
+
+
+# A plan's arrays are taken out of it once per kernel call, as its "job":
+# every read of a StructRef field takes a reference to each array in it
+# (an atomic add on the array's reference count, and another to drop it),
+# and with both threads doing that per half on the same counts, those
+# cache lines crossed between the cores twice per array per step: ~3x
+# slower steps at H=256, measured.
+
+def _job(plan):
+    """A plan's arrays as ``_half`` takes them: (layers, hprev) of a stream
+    plan (``make_pair_plan``), (seq,) of a sequence plan (``make_seq_plan``)."""
+
+
+@overload(_job, jit_options=_OPTS)
+def _job_overload(plan):
+    if "layers" in plan.field_dict:
+        return lambda plan: (plan.layers, plan.hprev)
+    return lambda plan: (plan.seq,)
+
+
+def _half(job, word, part):
+    """Half ``part`` of job ``word``: layer ``word``'s step of a stream, time
+    step ``word`` of a sequence (``job`` from ``_job``)."""
+
+
+@overload(_half, jit_options=_OPTS)
+def _half_overload(job, word, part):
+    if len(job) == 2:
+        return lambda job, word, part: _layer_part(job[0], word, part, job[1])
+    return lambda job, word, part: _seq_part(part, word, *job[0])
+
+
+def _whole(job, word):
+    """Job ``word`` on this thread alone: a stream layer's two halves; a
+    sequence's time step as one thread runs it (no cost for the split)."""
+
+
+@overload(_whole, jit_options=_OPTS)
+def _whole_overload(job, word):
+    if len(job) == 2:
+        def both(job, word):
+            _half(job, word, 0)
+            _half(job, word, 1)
+        return both
+    return lambda job, word: seq_step_rows(word, 0, 1, *job[0])
+
+
+@njit(**_OPTS)
+def _together(sync, job, word, solo):
+    """Job ``word``: published, half 0 here, then half 1 here too if the
+    worker has not claimed it, or the wait for the worker's; all of it here
+    when ``solo``."""
+    if solo:
+        _whole(job, word)
+        return
+    g = atomics.load(sync, GO) + 1
+    atomics.store(sync, LAYER, word)
+    atomics.store(sync, GO, g)  # published: the worker may claim half 1 now
+    _half(job, word, 0)
+    if atomics.cas(sync, CLAIM, g - 1, g):
+        _half(job, word, 1)
+        return
+    while atomics.load(sync, DONE) != g:
+        atomics.pause()
 
 
 @njit(**_OPTS)
@@ -134,13 +210,13 @@ def pair_step(plan):
     plan: a ``make_pair_plan`` StepPlan, whose ``sync`` (SYNC_WORDS,) int64
     holds the shared words and ``hprev`` (O,) h_{t-1} of the layer in flight.
     """
-    sync, hprev = plan.sync, plan.hprev
+    sync, job = plan.sync, _job(plan)
     phase = sync[PHASE]
     solo = _alone(phase, sync[LEFT]) == 1
     t0 = atomics.cycles()
     l = 0
-    for layer in literal_unroll(plan.layers):  # (no loop in this body: numba unrolls it)
-        _pair_layer(sync, hprev, l, layer, solo)
+    for layer in literal_unroll(job[0]):  # (no loop in this body: numba unrolls it)
+        _pair_layer(sync, job, l, layer[0], solo)
         l += 1
     # A step's cost: the time since the previous step began (its kernel and
     # the caller's own work between: a worker spinning on a loaded machine
@@ -179,30 +255,18 @@ def _account(sync, phase, cycles):
 
 
 @njit(**_OPTS)
-def _pair_layer(sync, hprev, l, layer, solo):
-    """Layer l's step: copy h_{t-1}, publish (unless ``solo``: then both
-    halves here), half 0, then half 1 or the wait for it."""
-    h = layer[0]
+def _pair_layer(sync, job, l, h, solo):
+    """Layer l's step: copy h_{t-1} (h (1, O)) to hprev, then both halves."""
+    hprev = job[1]
     for j in range(h.shape[1]):
         hprev[j] = h[0, j]
-    if solo:
-        _part_step(0, hprev, *layer)
-        _part_step(1, hprev, *layer)
-        return
-    g = atomics.load(sync, GO) + 1
-    atomics.store(sync, LAYER, l)
-    atomics.store(sync, GO, g)  # published: the worker may claim half 1 now
-    _part_step(0, hprev, *layer)
-    if atomics.cas(sync, CLAIM, g - 1, g):
-        _part_step(1, hprev, *layer)
-        return
-    while atomics.load(sync, DONE) != g:
-        atomics.pause()
+    _together(sync, job, l, solo)
 
 
 @njit(**_OPTS)
 def serve(plan, spins, yields, wanted, patience):
-    """The worker's loop: claim and run half 1 of each published layer.
+    """The worker's loop: claim and run half 1 of each published job (a
+    stream's layer, a sequence's time step).
 
     Waits by spinning ``spins`` rounds of ``pause``, then ``yields`` calls
     of ``sched_yield`` (on a loaded core, other threads run then), then
@@ -212,7 +276,7 @@ def serve(plan, spins, yields, wanted, patience):
     slot: its owner has stopped stepping, while a stream stepping without
     pause keeps its worker, since its gaps are shorter than that).
     """
-    sync, hprev = plan.sync, plan.hprev
+    sync, job = plan.sync, _job(plan)
     # The last phase claimed, not published: a layer published before this
     # thread got going may still be unclaimed (the caller is on its half 0).
     last = atomics.load(sync, CLAIM)
@@ -223,7 +287,7 @@ def serve(plan, spins, yields, wanted, patience):
             last = g
             idle = 0
             if atomics.cas(sync, CLAIM, g - 1, g):
-                _layer_part(plan, atomics.load(sync, LAYER), 1, hprev)
+                _half(job, atomics.load(sync, LAYER), 1)
                 atomics.store(sync, DONE, g)
             continue
         idle += 1
@@ -237,6 +301,73 @@ def serve(plan, spins, yields, wanted, patience):
             break
     atomics.store(sync, STATE, ASLEEP)
     return 0
+
+
+@njit(**_OPTS)
+def _seq_part(part, t, hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
+              whh, whh_data, whh_indices, whh_indptr,
+              whr, whr_data, whr_indices, whr_indptr, cell):
+    """Half ``part`` of step t of ``cpu.lstm_seq_forward`` at B = 1 without
+    projection (its arguments): the gate rows of that half's units from
+    hs[t] (read only during step t, so neither half can overwrite what the
+    other reads), then their cell update into cs[t+1], hs[t+1] and gates[t];
+    at a padding step (t >= lengths[0]) the half's state carried."""
+    H = cs.shape[2]
+    u0, u1 = part * (H // 2), H // 2 + part * (H - H // 2)
+    act = gates[t, 0]
+    if t < lengths[0]:
+        _part_product(scratch[0], hs[t, 0], whh, whh_data, whh_indices, whh_indptr, part)
+        _cell_units(cell, cs[t + 1, 0], act, hs[t + 1, 0], cs[t, 0], scratch[0], bias_ih,
+                    bias_hh, u0, u1)
+        return
+    for g in range(4):
+        for j in range(g * H + u0, g * H + u1):
+            act[j] = 0
+    for j in range(u0, u1):
+        cs[t + 1, 0, j] = cs[t, 0, j]
+        hs[t + 1, 0, j] = hs[t, 0, j]
+
+
+@njit(**_OPTS)
+def pair_seq_forward(plan):
+    """``cpu.lstm_seq_forward`` at B = 1 on two threads: each time step a job
+    of two halves (as a stream step's layer), with the same probes of two
+    threads against one. Sets STOP at the end: the worker leaves.
+
+    plan: a ``make_seq_plan`` StepPlan (its ``seq``: the kernel's arguments
+    and the cell; its ``sync``: fresh words, ``new_sync``).
+    """
+    sync, job = plan.sync, _job(plan)
+    for t in range(job[0][2].shape[0]):
+        phase = sync[PHASE]
+        t0 = atomics.cycles()
+        _together(sync, job, t, _alone(phase, sync[LEFT]) == 1)
+        _account(sync, phase, atomics.cycles() - t0)
+    atomics.store(sync, STOP, 1)
+    return 0
+
+
+def _new_seq_plan(seq, sync):
+    """A StepPlan holding ``seq`` and ``sync`` (jit code only)."""
+
+
+@overload(_new_seq_plan, jit_options=_OPTS)
+def _new_seq_plan_overload(seq, sync):
+    plan_type = StepPlanType([("seq", seq), ("sync", sync)])
+
+    def impl(seq, sync):
+        plan = structref.new(plan_type)
+        plan.seq = seq
+        plan.sync = sync
+        return plan
+    return impl
+
+
+@njit(**_OPTS)
+def make_seq_plan(seq, sync):
+    """Bind ``seq`` (``cpu.lstm_seq_forward``'s arguments, the cell last) and
+    fresh sync words into a StepPlan for ``pair_seq_forward``."""
+    return _new_seq_plan(seq, sync)
 
 
 def _new_pair_plan(layers, sync, hprev):
