@@ -64,11 +64,12 @@ PAIR_MIN_NS = 25_000
 # A whole-sequence forward at B = 1 shares each time step between two threads
 # (numlstm.pair.worth_two_seq) when W_hh's product is estimated (STEP_COSTS)
 # at PAIR_SEQ_MIN_NS or more and the whole sequence's at PAIR_SEQ_MIN_TOTAL_NS
-# (a worker thread costs ~0.1 ms to start). Measured on the Xeon below, T=1000
-# (forced two threads vs one): H=512 dense 2.4x, 90% CSR 1.4x; H=1024 90% CSR
-# 2.1x; H=256 dense (estimate 14 us) 1.0-1.2x forced, 0.7-0.9x with the
-# probes in the suite's case b: excluded, as is 90% CSR (5 us, 0.8x).
-PAIR_SEQ_MIN_NS = 20_000
+# (a worker thread costs ~0.1 ms to start). Measured on the Xeon below, T=1000,
+# I=64, with the probes, two threads allowed vs one (estimate in brackets):
+# H=1024 90% CSR 1.86x (186 us), 95% CSR 1.17x, 90% BSR 1.28x (34 us);
+# H=512 dense 2.10x (144 us), 90% CSR 0.95x (21 us), 90% BSR 0.77x (8 us);
+# H=256 dense 0.96x (14 us), 90% CSR and BSR 0.65x (5 and 2 us).
+PAIR_SEQ_MIN_NS = 30_000
 PAIR_SEQ_MIN_TOTAL_NS = 1_000_000
 # ns of one product with one row of x, by ISA: per lane of a layout's entries
 # (padding included), per window or slice, per dense entry, per CSR value and
@@ -87,6 +88,19 @@ STEP_COSTS = {
 # use the ``parallel=True`` variant when their work, counted in multiply-adds,
 # is at least this large.
 PARALLEL_MIN_WORK = 2_000_000
+
+# numba's BLAS is scipy's OpenBLAS, whose threads spin for 2**28 cycles
+# (~0.1 s) after every call before they sleep. A whole-sequence forward runs
+# its input projection as one BLAS call and then the recurrence on threads
+# of its own (batch parts, two-thread steps), which then shared a core with
+# a spinning thread for the whole sequence. Measured on the Xeon above,
+# T=1000: B=16 dense 126 -> 88 us a step, B=1 H=512 dense on two threads
+# 126 -> 58-73 us a step with 2**20 cycles (~0.5 ms, longer than the gap
+# between the per-step BLAS calls of a batched recurrence, so those do not
+# wait for threads to wake). Set here unless the environment sets it; it
+# takes effect only where scipy's OpenBLAS is not loaded yet (numba loads it
+# at the first compiled BLAS call, after ``import numlstm``).
+OPENBLAS_THREAD_TIMEOUT = os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 # ---------------------------------------------------------------------------
 # CUDA launch geometry (numlstm.kernels.cuda), read at every launch. Tests

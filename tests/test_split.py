@@ -100,3 +100,20 @@ def test_peepholes_keep_backward_on_one_thread(cell, monkeypatch):
     assert "lstm_seq_forward_split" in calls
     assert split_back == (not cell)
     assert cpu_backend.seq_backward  # the backend's choice, exercised above
+
+
+def test_openblas_threads_stop_spinning_soon(tmp_path):
+    """numlstm asks scipy's OpenBLAS (numba's BLAS) to spin ~0.5 ms after a
+    call, not ~0.1 s, unless the environment says otherwise."""
+    import os
+    import subprocess
+    import sys
+    code = "import os, numlstm; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "20"
+    out = subprocess.run([sys.executable, "-c", code],
+                         env={**env, "OPENBLAS_THREAD_TIMEOUT": "28"}, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "28"
