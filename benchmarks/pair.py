@@ -1,9 +1,10 @@
-"""Two cores at batch 1: a stream step on one thread against two, quiet and
-under load (issue 12, item 5).
+"""Two cores at batch 1: a stream step, and a whole-sequence forward, on one
+thread against two, quiet and under load (issue 12, item 5).
 
 For each model (I=64, one layer, H in 256, 512, 1024; dense, 90% and 95%
 CSR, 90% BSR 8x1, 90% CSR float16; the suite's weights and pruning) a stream
-steps the same inputs in three modes: ``one`` (``config.STEP_THREADS = 1``),
+steps the same inputs, and ``model(x)`` runs them as one sequence, in three
+modes: ``one`` (``config.STEP_THREADS = 1``),
 ``auto`` (what a user gets: two threads only where
 ``numlstm.pair.worth_two`` says so, and only while its probes find them
 faster) and ``two`` (``STEP_THREADS = "2"``, ``PAIR_MIN_NS = 0``: two
@@ -29,7 +30,8 @@ import numpy as np
 from benchmarks.common import REPO, machine_info, machine_markdown, run_worker, stats, write_results
 
 NAME = "pair"
-FULL = {"H": [256, 512, 1024], "kinds": ["dense", "csr90", "csr95", "bsr90", "csr90-f16"],
+FULL = {"H": [256, 512, 1024], "kinds": ["dense", "dense-f16", "csr90", "csr95", "bsr90",
+                                          "csr90-f16"],
         "steps": 1000, "repeats": 5, "rounds": 3}
 QUICK = {"H": [64], "kinds": ["dense", "csr90"], "steps": 50, "repeats": 2, "rounds": 1}
 MODES = ("one", "auto", "two")
@@ -37,21 +39,27 @@ LOAD_LIMIT = 1.1  # loaded: a two-thread step at most this many times the one-th
 
 
 def _worker(cfg, mode):
-    """Time a stream of every model in ``mode``; the JSON of their times."""
+    """Time a stream, then a whole-sequence forward (``model(x)``, T = steps,
+    B = 1), of every model in ``mode``; the JSON of their times."""
     from benchmarks.suite.data import build, dense_weights
-    from numlstm import config
+    from numlstm import config, pair
 
     out = {}
     rng = np.random.default_rng(0)
+    defaults = config.PAIR_MIN_NS, config.PAIR_SEQ_MIN_NS, config.PAIR_SEQ_MIN_TOTAL_NS
+    threads = {"one": "1", "auto": "auto", "two": "2"}[mode]
     for H in cfg["H"]:
         w = dense_weights(64, H)
         x = rng.standard_normal((cfg["steps"], 1, 64), dtype=np.float32)
         for kind in cfg["kinds"]:
             model = build(w, kind)
-            config.STEP_THREADS, config.PAIR_MIN_NS = "1", 25_000
+            config.STEP_THREADS = "1"
+            config.PAIR_MIN_NS, config.PAIR_SEQ_MIN_NS, config.PAIR_SEQ_MIN_TOTAL_NS = defaults
             one = model.stream(1)
-            config.STEP_THREADS = {"one": "1", "auto": "auto", "two": "2"}[mode]
-            config.PAIR_MIN_NS = 0 if mode == "two" else 25_000
+            y_one = model(x)[0]
+            config.STEP_THREADS = threads
+            if mode == "two":  # whatever the estimates
+                config.PAIR_MIN_NS = config.PAIR_SEQ_MIN_NS = config.PAIR_SEQ_MIN_TOTAL_NS = 0
             s = model.stream(1)  # binds now, under this mode's settings
             err = max(float(np.abs(s.step(xt) - one.step(xt)).max()) for xt in x)
             del one
@@ -61,9 +69,20 @@ def _worker(cfg, mode):
                 for xt in x:
                     s.step(xt)
                 times.append((time.perf_counter() - t0) / len(x) * 1e6)
-            out[f"{kind}/H={H}"] = {"H": H, "kind": kind, "max_abs_diff": err,
-                                    "two_threads": s._pair is not None,
+            out[f"{kind}/H={H}"] = {"H": H, "kind": kind, "what": "stream",
+                                    "max_abs_diff": err, "two_threads": s._pair is not None,
                                     "us_per_step": float(np.median(times))}
+            del s
+            err = float(np.abs(model(x)[0] - y_one).max())
+            times = []
+            for _ in range(cfg["repeats"]):
+                t0 = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t0) / len(x) * 1e6)
+            two = pair.worth_two_seq(model.weights()["weight_hh_l0"], H, 0, len(x), 1)
+            out[f"sequence {kind}/H={H}"] = {"H": H, "kind": kind, "what": "sequence",
+                                             "max_abs_diff": err, "two_threads": two,
+                                             "us_per_step": float(np.median(times))}
     return out
 
 
@@ -89,7 +108,7 @@ def run(quick=False, out_dir=None, log=print):
                 hog.kill()
                 hog.wait()
         result[cond] = {key: {
-            "H": e["H"], "kind": e["kind"],
+            "H": e["H"], "kind": e["kind"], "what": e["what"],
             "max_abs_diff": max(r[m][key]["max_abs_diff"] for r in rounds for m in MODES),
             "two_threads": {m: rounds[0][m][key]["two_threads"] for m in MODES},
             "us_per_step": {m: stats([r[m][key]["us_per_step"] for r in rounds])
@@ -105,9 +124,12 @@ def _ratio(e, a, b):
 def markdown(result):
     """The result as a Markdown report."""
     c = result["config"]
-    lines = [f"# Benchmark `{NAME}`: a batch-1 stream step on one thread and on two"
+    lines = [f"# Benchmark `{NAME}`: batch-1 steps on one thread and on two"
              + (" (quick smoke run)" if result["quick"] else ""), "",
-             f"float32, I=64, one layer; µs per `Stream.step`: each mode in its own process, "
+             f"float32, I=64, one layer; µs per `Stream.step` (rows \"model, H\"), or per "
+             f"time step of a whole-sequence forward `model(x)`, T={c['steps']}, B=1 (rows "
+             "\"sequence: model, H\"; two threads from `config.PAIR_SEQ_MIN_NS`): each mode "
+             "in its own process, "
              f"the three taking turns {c['rounds']} times; median over those of each "
              f"process's median of {c['repeats']} repeats of {c['steps']} steps. `one`: one "
              "thread; `auto`: what a user gets (two threads where the estimated step is "
@@ -125,8 +147,11 @@ def markdown(result):
                for cond, e in (("quiet", q), ("loaded", ld))}
         ok = ld["us_per_step"]["auto"]["median"] <= LOAD_LIMIT * ld["us_per_step"]["one"][
             "median"]
+        label = f"{q['kind']}, H={q['H']}"
+        if q.get("what") == "sequence":
+            label = "sequence: " + label
         lines.append(
-            f"| {q['kind']}, H={q['H']} | {'yes' if q['two_threads']['auto'] else 'no'} | "
+            f"| {label} | {'yes' if q['two_threads']['auto'] else 'no'} | "
             + " | ".join(f"{med['quiet'][m]:.1f}" for m in MODES)
             + f" | {_ratio(q, 'one', 'auto'):.2f}x | {_ratio(q, 'one', 'two'):.2f}x | "
             + " | ".join(f"{med['loaded'][m]:.1f}" for m in MODES)

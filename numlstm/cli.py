@@ -109,17 +109,18 @@ def build_parser():
                             "global)")
     prune.add_argument("-o", "--output", required=True, help="where to save the pruned model")
 
-    quant = sub.add_parser("quantize", help="store sparse weights compactly (for inference)",
+    quant = sub.add_parser("quantize", help="store weights compactly (for inference)",
                            description="Re-store every CSR weight of a saved model with uint16 "
-                                       "indices where they fit and float16 or int8 values.")
+                                       "indices where they fit and float16 or int8 values; "
+                                       "with --dtype float16 every dense weight too.")
     quant.add_argument("model", help="a model file written by numlstm.save")
     quant.add_argument("--dtype", choices=("int8", "float16", "none"), default="int8",
                        help="value storage; none keeps float values (default int8)")
     quant.add_argument("--indices", choices=("auto", "uint16", "int32"), default="auto",
                        help="index storage (default auto: uint16 where it fits)")
     quant.add_argument("--skip-dense", action="store_true",
-                       help="leave dense and block-sparse weights as they are instead of "
-                            "failing")
+                       help="leave block-sparse weights, and dense ones unless --dtype "
+                            "float16, as they are instead of failing")
     quant.add_argument("-o", "--output", required=True,
                        help="where to save the quantized model")
 

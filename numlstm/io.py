@@ -485,7 +485,8 @@ def _plan(header, src):
         _expect(spec.get("shape") == list(shape),
                 f"{where}: shape must be {list(shape)}, got {spec.get('shape')!r}")
         R, C = shape
-        value_types = (model.dtype.name,) + (weights.QUANTIZED_TYPES if fmt == "csr" else ())
+        value_types = (model.dtype.name,) + {"csr": weights.QUANTIZED_TYPES,
+                                             "dense": ("float16",)}.get(fmt, ())
         values = _declared(spec.get("values"), value_types, where)
         members[f"{name}.values"] = (values, R * C)  # nnz <= R * C
         if fmt == "dense":
@@ -555,7 +556,7 @@ def _weight(arrays, name, spec, shape, dtype, where):
     if fmt == "dense":
         _expect(values.shape == shape, f"{where}: values must have shape {shape}, got "
                                        f"{values.shape}")
-        return weights.Dense(values)
+        return weights.Dense(values, dtype)
     indices = _array(arrays, f"{name}.indices", spec["indices"], where)
     indptr = _array(arrays, f"{name}.indptr", spec["indptr"], where)
     if fmt == "bsr":

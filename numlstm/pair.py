@@ -91,7 +91,7 @@ def step_cost(weight):
         return layouts.cost(weight, None if layout is weight else layout)
     if isinstance(weight, BSR):
         return weight.nnz * layouts.step_costs()["window_lane"]
-    return layouts.dense_cost(weight.shape, weight.dtype.itemsize)
+    return layouts.dense_cost(weight.shape, weight.values.dtype.itemsize)
 
 
 def worth_two(model, batch_size):

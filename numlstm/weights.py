@@ -3,7 +3,8 @@
 Three formats, each handing the kernels the same four slots
 ``(w0, data, indices, indptr)`` (the table is in ``numlstm.kernels.cpu``):
 
-* ``Dense``: a C-contiguous (R, K) array.
+* ``Dense``: a C-contiguous (R, K) array of the model's dtype (trainable) or
+  float16 (inference only).
 * ``CSR``: scipy's three arrays, indices sorted; indices and indptr int32,
   or uint16 ("compact") when they fit; values of the model's dtype
   (trainable), or quantized for inference: float16, or int8 with one
@@ -103,17 +104,29 @@ class _Weight:
 
 
 class Dense(_Weight):
-    """A dense (R, K) weight."""
+    """A dense (R, K) weight: values of the model's dtype (trainable), or
+    float16 (``quantize(model, "float16")``: half the bytes, inference only;
+    kernels read the float16 bits and convert each value in a register).
+
+    Parameters
+    ----------
+    array : array (R, K), C-contiguous
+        The values: the model's dtype, or float16.
+    dtype : the model's dtype (default: the array's)
+    """
 
     format = "dense"
     index_type = None
-    trainable = True
 
-    def __init__(self, array):
+    def __init__(self, array, dtype=None):
         self.array = array  # (R, K)
         self.shape = array.shape
-        self.dtype = array.dtype
-        self._empty = (np.zeros(0, array.dtype), _NO_INDEX, _NO_INDEX)
+        self.dtype = np.dtype(dtype if dtype is not None else array.dtype)
+        self.half = array.dtype == np.float16 and self.dtype != np.float16
+        self.trainable = not self.half
+        # float16 crosses into kernels as its bits (numba has no CPU float16).
+        self._w0 = array.view(np.uint16) if self.half else array
+        self._empty = (np.zeros(0, self.dtype), _NO_INDEX, _NO_INDEX)
 
     @property
     def values(self):
@@ -125,17 +138,21 @@ class Dense(_Weight):
         return self.array.size
 
     def kernel_args(self):
-        return (self.array,) + self._empty
+        return (self._w0,) + self._empty
 
     def kernel_args_t(self):
+        if self.half:  # training refuses such a model before any kernel runs
+            raise TypeError("a float16 dense weight is for inference: no W^T products")
         return self.kernel_args()
 
     def public(self, values=None):
-        """A copy as the user sees it (``values`` replaces the stored values)."""
-        return np.array(self.array if values is None else values)
+        """A copy as the user sees it, in the model's dtype (float16 values
+        dequantized; ``values`` replaces the stored values)."""
+        return np.array(self.array if values is None else values, dtype=self.dtype)
 
     def to_array(self):
-        return self.array.copy()
+        """The weight as a dense array of the model's dtype (a copy)."""
+        return self.public()
 
 
 class CSR(_Weight):

@@ -109,10 +109,12 @@ def test_quick_pair_benchmark_writes_expected_entries(quick_run):
         res = json.load(f)
     md = (quick_run / "pair.md").read_text()
     assert md.startswith("# Benchmark `pair`") and "| dense, H=64 |" in md
+    assert "| sequence: csr90, H=64 |" in md
     assert res["quick"] is True
     for cond in ("quiet", "loaded"):
         rows = res[cond]
-        assert sorted(rows) == ["csr90/H=64", "dense/H=64"]
+        assert sorted(rows) == ["csr90/H=64", "dense/H=64", "sequence csr90/H=64",
+                                "sequence dense/H=64"]
         for e in rows.values():
             # two threads ("two") compute exactly what one does
             assert e["max_abs_diff"] == 0

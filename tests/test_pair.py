@@ -18,7 +18,8 @@ import numlstm
 from numlstm import config, layouts, pair
 from numlstm.kernels import pair as kernels
 
-KINDS = ["dense", "csr", "csr-per-row", "csr-float16", "csr-int8", "csr-uint16", "bsr"]
+KINDS = ["dense", "dense-float16", "csr", "csr-per-row", "csr-float16", "csr-int8",
+         "csr-uint16", "bsr"]
 CELLS = [{}, {"peepholes": True}, {"activations": ("hard_sigmoid", "tanh", "tanh")},
          {"input_forget": True, "clip": 3.0}]
 
@@ -33,7 +34,9 @@ def two(monkeypatch):
 def _model(kind, L, H, cell=None, layout="auto", seed=0, dtype=np.float32):
     """A model of ``kind`` storage, I=16."""
     m = numlstm.LSTM(16, H, num_layers=L, seed=seed, dtype=dtype, **(cell or {}))
-    if kind == "bsr":
+    if kind == "dense-float16":
+        numlstm.quantize.quantize(m, "float16")
+    elif kind == "bsr":
         numlstm.prune.blocks(m, 0.75, block=(8, 1))
     elif kind == "csr-per-row":
         numlstm.prune.magnitude(m, 0.8, scope="per_row")

@@ -46,6 +46,7 @@ QUICK = {
 # weights: (pruning, sparsity, quantize values, quantize indices).
 VARIANTS = {
     "dense": (None, 0.0, None, None),
+    "dense-f16": (None, 0.0, "float16", "auto"),
     "csr50": ("magnitude", 0.5, None, None),
     "csr90": ("magnitude", 0.9, None, None),
     "csr95": ("magnitude", 0.95, None, None),
@@ -58,6 +59,7 @@ BLOCK = (8, 1)
 TRAINABLE = ("dense", "csr50", "csr90", "csr95", "bsr90", "csr90-u16")
 LABELS = {
     "dense": "numlstm dense",
+    "dense-f16": "numlstm dense, float16 values",
     "csr50": "numlstm 50% CSR",
     "csr90": "numlstm 90% CSR",
     "csr95": "numlstm 95% CSR",

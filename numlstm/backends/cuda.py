@@ -307,14 +307,14 @@ class Weight:
         self.nnz = w.nnz
         self._t = None  # (data_t, indices_t, indptr_t, perm), made on first backward
         e_w0, e_data, e_idx = empties
-        if w.format == "dense":
-            self.values = _upload_new(w.array)
-            self._args = (self.values, e_data, e_idx, e_idx)
-            return
         if not w.trainable:
             raise TypeError(f"{name} is stored as {weights_mod.describe(w)} (quantized, "
                             "inference only), which does not run on the device; keep "
                             "quantized models on the CPU, or call to_dense() first")
+        if w.format == "dense":
+            self.values = _upload_new(w.array)
+            self._args = (self.values, e_data, e_idx, e_idx)
+            return
         self.values = _upload_new(w.data)
         self.indices = _upload_new(w.indices)  # int32, or uint16 for a compact pattern
         self.indptr = _upload_new(w.indptr)

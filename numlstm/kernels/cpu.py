@@ -14,6 +14,7 @@ Conventions (docs/design.md, "3. Kernels"):
   kind                  w0                    data                indices, indptr
   ====================  ====================  ==================  ===============
   dense                 (R, K)                empty, float        empty
+  dense, float16 values (R, K) uint16 bits    empty, float        empty
   CSR                   (0, 0)                (nnz,) float        int32 or uint16
   CSR, float16 values   (0, 0)                (nnz,) uint16 bits  int32 or uint16
   CSR, int8 values      (R, 1) float16 scale  (nnz,) int8         int32 or uint16
@@ -157,7 +158,9 @@ def _load(v, zero):
 
 @overload(_load, jit_options=_OPTS)
 def _load_overload(v, zero):
-    if v == nbtypes.uint16:  # float16 bits
+    if v == nbtypes.uint16 and V.HAS_F16C:  # float16 bits, converted in a register
+        return lambda v, zero: zero + V.half_bits_to_float32(v)
+    if v == nbtypes.uint16:  # float16 bits, without F16C
         return lambda v, zero: zero + _half_to_float(v)
     if isinstance(v, nbtypes.Integer):  # int8 quantized, scaled per row afterwards
         return lambda v, zero: zero + np.float32(v)
@@ -309,7 +312,9 @@ DENSE_ROWS_MAX_N = 8
 
 @njit(**_OPTS)
 def _dense_rows(out, x, w):
-    """out (N, R) = x (N, K) @ w^T for a few rows of x, without BLAS.
+    """out (N, R) = x (N, K) @ w^T for a few rows of x, without BLAS; w
+    float, or float16 bits (uint16: the float16 dense kind, converted in a
+    register as it is loaded).
 
     Four rows of w at a time, each used for every row of x while it is in
     L1. Rows of x go four at a time too where there are four: sixteen
@@ -328,7 +333,8 @@ def _dense_rows(out, x, w):
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero
             a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero
             for k in range(Kw):
-                p0, p1, p2, p3 = w0[k], w1[k], w2[k], w3[k]
+                p0, p1 = _load(w0[k], zero), _load(w1[k], zero)
+                p2, p3 = _load(w2[k], zero), _load(w3[k], zero)
                 q0, q1, q2, q3 = x0[k], x1[k], x2[k], x3[k]
                 a00 += p0 * q0
                 a01 += p1 * q0
@@ -358,10 +364,10 @@ def _dense_rows(out, x, w):
             a0 = a1 = a2 = a3 = zero
             for k in range(Kw):
                 xk = xn[k]
-                a0 += w0[k] * xk
-                a1 += w1[k] * xk
-                a2 += w2[k] * xk
-                a3 += w3[k] * xk
+                a0 += _load(w0[k], zero) * xk
+                a1 += _load(w1[k], zero) * xk
+                a2 += _load(w2[k], zero) * xk
+                a3 += _load(w3[k], zero) * xk
             out[n, r] = a0
             out[n, r + 1] = a1
             out[n, r + 2] = a2
@@ -370,7 +376,7 @@ def _dense_rows(out, x, w):
         for n in range(N):
             a = zero
             for k in range(Kw):
-                a += w[r, k] * x[n, k]
+                a += _load(w[r, k], zero) * x[n, k]
             out[n, r] = a
 
 
@@ -378,8 +384,27 @@ def _product(out, x, w0, data, indices, indptr, transposed):
     """out = x @ W^T (x @ W with W^T's pattern when ``transposed``)."""
 
 
+def _dense_half(out, x, w0):
+    """out (N, R) = x (N, K) @ W^T for the float16 dense kind (w0: (R, K)
+    float16 bits), eight rows of x at a time (no BLAS takes float16); the
+    parallel variant splits the panels over threads."""
+    N = x.shape[0]
+    for p in prange((N + 7) // 8):
+        n0 = p * 8
+        n1 = min(n0 + 8, N)
+        _dense_rows(out[n0:n1], x[n0:n1], w0)
+
+
+# CPU only (the float16 dense kind does not run on the device): no CUDA twin.
+_half_rows, _half_rows_parallel = _variants(_dense_half)
+
+
 @overload(_product, jit_options=_OPTS)
 def _product_overload(out, x, w0, data, indices, indptr, transposed):
+    if data.ndim == 1 and w0.dtype == nbtypes.uint16 and w0.ndim == 2 and w0.layout == "C" \
+            and isinstance(data.dtype, nbtypes.Float):
+        # The float16 dense kind (inference only: never transposed).
+        return lambda out, x, w0, data, indices, indptr, transposed: _half_rows(out, x, w0)
     if data.ndim == 1 and isinstance(data.dtype, nbtypes.Float):
         # Dense, or float CSR (which passes an empty w0): decided at run time.
         def dense_or_csr(out, x, w0, data, indices, indptr, transposed):
@@ -810,15 +835,15 @@ def _seq_forward_rows(b0, b1, hs, cs, gates, rs, scratch, lengths, bias_ih, bias
     (``lstm_seq_forward_split``). Views of rows [b0, b1) of a step stay
     C-contiguous, so the products take them as they take whole steps."""
     for t in range(gates.shape[0]):
-        seq_step_rows(t, b0, b1, hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
-                      whh, whh_data, whh_indices, whh_indptr,
-                      whr, whr_data, whr_indices, whr_indptr, cell)
+        _seq_step_rows(t, b0, b1, hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
+                       whh, whh_data, whh_indices, whh_indptr,
+                       whr, whr_data, whr_indices, whr_indptr, cell)
 
 
 @njit(**_OPTS)
-def seq_step_rows(t, b0, b1, hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
-                  whh, whh_data, whh_indices, whh_indptr,
-                  whr, whr_data, whr_indices, whr_indptr, cell):
+def _seq_step_rows(t, b0, b1, hs, cs, gates, rs, scratch, lengths, bias_ih, bias_hh,
+                   whh, whh_data, whh_indices, whh_indptr,
+                   whr, whr_data, whr_indices, whr_indptr, cell):
     """Step t of ``_seq_forward_rows`` (the two-thread sequence's caller runs
     it when it steps alone: ``numlstm.kernels.pair``)."""
     projected = rs.shape[0] > 0

@@ -39,8 +39,8 @@ from numlstm.kernels.cpu import (
     _cell_units,
     _dense_rows,
     _half_to_float,
+    _seq_step_rows,
     _sparse_row,
-    seq_step_rows,
 )
 from numlstm.kernels.plan import StepPlanType
 
@@ -179,7 +179,7 @@ def _whole_overload(job, word):
             _half(job, word, 0)
             _half(job, word, 1)
         return both
-    return lambda job, word: seq_step_rows(word, 0, 1, *job[0])
+    return lambda job, word: _seq_step_rows(word, 0, 1, *job[0])
 
 
 @njit(**_OPTS)

@@ -464,6 +464,23 @@ def sell_windows(typingctx, on, xn, data, indices, table, w0):
         return nbtypes.none(*arrays), _window_codegen
 
 
+HAS_F16C = bool(_FEATURES.get("f16c", False))
+
+
+@intrinsic
+def half_bits_to_float32(typingctx, h):
+    """float16 bits (uint16) -> float32 by ``fpext half``: one ``vcvtph2ps``
+    with F16C, which LLVM's loop vectoriser widens to 8 or 16 lanes. Only
+    for hosts with F16C (``HAS_F16C``): elsewhere LLVM would call a runtime
+    helper that numba does not link."""
+    if h != nbtypes.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return nbtypes.float32(nbtypes.uint16), codegen
+
+
 def applies(*arrays):
     """Whether the row and panel kernels take arrays of these numba types
     (x second, values third, as in every signature here; all C-contiguous):
