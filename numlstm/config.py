@@ -64,12 +64,13 @@ PAIR_MIN_NS = 25_000
 # A whole-sequence forward at B = 1 shares each time step between two threads
 # (numlstm.pair.worth_two_seq) when W_hh's product is estimated (STEP_COSTS)
 # at PAIR_SEQ_MIN_NS or more and the whole sequence's at PAIR_SEQ_MIN_TOTAL_NS
-# (a worker thread costs ~0.1 ms to start). Measured on the Xeon below, T=1000,
-# I=64, with the probes, two threads allowed vs one (estimate in brackets):
-# H=1024 90% CSR 1.86x (186 us), 95% CSR 1.17x, 90% BSR 1.28x (34 us);
-# H=512 dense 2.10x (144 us), 90% CSR 0.95x (21 us), 90% BSR 0.77x (8 us);
-# H=256 dense 0.96x (14 us), 90% CSR and BSR 0.65x (5 and 2 us).
-PAIR_SEQ_MIN_NS = 30_000
+# (a worker thread costs ~0.1 ms to start). Measured on the Xeon below
+# (benchmarks/results/pair.md, T=1000, quiet, two threads allowed over one;
+# the estimate in brackets): H=512 dense 2.58x (144 us), float16 dense 1.68x;
+# H=1024 90% CSR 1.90x (186 us), 95% CSR 1.68x (107 us), 90% BSR 1.21x
+# (34 us), dense 1.02x (577 us: DRAM-bound either way); H=512 90% CSR 0.88x
+# (32 us), 95% 0.96x (15 us); every H=256 kind 0.58-1.05x forced (<= 14 us).
+PAIR_SEQ_MIN_NS = 40_000
 PAIR_SEQ_MIN_TOTAL_NS = 1_000_000
 # ns of one product with one row of x, by ISA: per lane of a layout's entries
 # (padding included), per window or slice, per dense entry, per CSR value and
