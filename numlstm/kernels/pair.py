@@ -138,10 +138,10 @@ def _layer_part(layers, l, part, hprev):
 
 # A plan's arrays are taken out of it once per kernel call, as its "job":
 # every read of a StructRef field takes a reference to each array in it
-# (an atomic add on the array's reference count, and another to drop it),
-# and with both threads doing that per half on the same counts, those
-# cache lines crossed between the cores twice per array per step: ~3x
-# slower steps at H=256, measured.
+# (an atomic add on the array's reference count, and another to drop it);
+# read per half by both threads, those counts' cache lines would cross
+# between the cores twice per array per step. (Not timed apart from the
+# other changes of that commit.)
 
 def _job(plan):
     """A plan's arrays as ``_half`` takes them: (layers, hprev) of a stream
