@@ -38,7 +38,8 @@ def matmul_batch(out, x, weight, transposed=False):
     args = (out, x) + (weight.kernel_args_t() if transposed else weight.kernel_args())
     if isinstance(weight, weights.Dense) and weight.half:  # float16: no BLAS takes it
         big = weight.nnz * x.shape[0] >= config.PARALLEL_MIN_WORK
-        (cpu_kernels._half_rows_parallel if big else cpu_kernels._half_rows)(out, x, args[2])
+        w0 = weight.kernel_args()[0]  # the float16 bits
+        (cpu_kernels._half_rows_parallel if big else cpu_kernels._half_rows)(out, x, w0)
         return
     if isinstance(weight, weights.Dense):  # numba's BLAS: see kernels.cpu.dense_grad_acc
         (cpu_kernels.matmul_t if transposed else cpu_kernels.matmul)(*args)

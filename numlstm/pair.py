@@ -133,15 +133,13 @@ def forward_sequence(args, cell):
     """``cpu.lstm_seq_forward(*args, cell)`` at B = 1 on this thread and a
     worker (started here, stopped at the end); False (nothing done) when no
     worker slot is free, and the caller runs it alone."""
-    slots = _slots()
-    if not slots.acquire(blocking=False):
+    slots = _take_slot()
+    if slots is None:
         return False
     try:
         sync = kernels.new_sync()
         plan = kernels.make_seq_plan(tuple(args) + (cell,), sync)
-        key = (typeof(plan), int64, int64, typeof(_WANTED), int64)
-        if key not in kernels.serve.overloads:
-            kernels.serve.compile(key)  # here, not while the caller steps alone
+        _compile_serve(plan)
         sync[kernels.STATE] = kernels.RUNNING
         worker = threading.Thread(target=_serve, args=(plan, sync, slots),
                                   name="numlstm-pair-seq", daemon=True)
@@ -172,6 +170,25 @@ def _after_fork():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
+
+
+def _take_slot():
+    """The worker slots, one of them taken; None when none is free (then an
+    idle worker of another stream leaves for the next asker: ``_WANTED``)."""
+    slots = _slots()
+    if not slots.acquire(blocking=False):
+        _WANTED[0] = 1
+        return None
+    _WANTED[0] = 0
+    return slots
+
+
+def _compile_serve(plan):
+    """Compile ``kernels.serve`` for this plan's type here, not in the
+    worker's first seconds."""
+    key = (typeof(plan), int64, int64, typeof(_WANTED), int64)
+    if key not in kernels.serve.overloads:
+        kernels.serve.compile(key)
 
 
 def _serve(plan, sync, slots):
@@ -208,9 +225,7 @@ class Pair:
         self.sync = sync = kernels.new_sync()
         self.plan = kernels.make_pair_plan(tuple(layers), sync, hprev)
         self.run = kernels.compiled_pair_step(self.plan)
-        key = (typeof(self.plan), int64, int64, typeof(_WANTED), int64)
-        if key not in kernels.serve.overloads:
-            kernels.serve.compile(key)  # here, not in the worker's first seconds
+        _compile_serve(self.plan)
         self._thread = None
         weakref.finalize(owner, _stop, sync)  # also at exit: the worker leaves
         _LIVE.add(self)
@@ -220,11 +235,9 @@ class Pair:
         if self._thread is not None:
             self._thread.join()  # it has set STATE: it is on its way out
             self._thread = None
-        slots = _slots()
-        if not slots.acquire(blocking=False):
-            _WANTED[0] = 1  # an idle worker of another stream leaves for us
+        slots = _take_slot()
+        if slots is None:
             return
-        _WANTED[0] = 0
         self.sync[kernels.STATE] = kernels.RUNNING
         self._thread = threading.Thread(target=_serve, args=(self.plan, self.sync, slots),
                                         name="numlstm-pair", daemon=True)

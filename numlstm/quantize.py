@@ -102,10 +102,7 @@ def quantize_weight(weight, values, indices="auto", name="weight"):
     data = weight.dequantized()
     scales = None
     if values == "float16":
-        if data.size and np.max(np.abs(data)) > _FLOAT16_MAX:
-            raise ValueError(f"{name} has values beyond float16's range "
-                             f"(|w| <= {_FLOAT16_MAX:g}), max |w| = {np.max(np.abs(data)):g}")
-        data = data.astype(np.float16)
+        data = _to_float16(data, name)
     elif values == "int8":
         rows = np.repeat(np.arange(R), np.diff(weight.indptr))
         peak = np.zeros(R, weight.dtype)
@@ -131,8 +128,13 @@ def half_dense(weight, name="weight"):
     """A new float16 ``weights_mod.Dense`` of a dense weight's values
     (dequantized first if it already is one). Raises ValueError naming
     ``name`` if float16 cannot hold a value (|w| > 65504)."""
-    arr = weight.to_array()
-    if arr.size and np.max(np.abs(arr)) > _FLOAT16_MAX:
+    return weights_mod.Dense(_to_float16(weight.to_array(), name), dtype=weight.dtype)
+
+
+def _to_float16(values, name):
+    """``values`` as float16; ValueError naming ``name`` if one is beyond
+    float16's range (|w| > 65504)."""
+    if values.size and np.max(np.abs(values)) > _FLOAT16_MAX:
         raise ValueError(f"{name} has values beyond float16's range "
-                         f"(|w| <= {_FLOAT16_MAX:g}), max |w| = {np.max(np.abs(arr)):g}")
-    return weights_mod.Dense(arr.astype(np.float16), dtype=weight.dtype)
+                         f"(|w| <= {_FLOAT16_MAX:g}), max |w| = {np.max(np.abs(values)):g}")
+    return values.astype(np.float16)

@@ -218,10 +218,12 @@ def bias_grad_acc(g_ih, g_hh, dz, v):
 
 def _parts(gates, w0, data):
     """``ops.batch_parts`` for a recurrence over ``gates`` (T, B, G) with W_hh
-    given as (w0, data, ...)."""
+    given as (w0, data, ...): dense (float w0, through BLAS above a few rows;
+    float16 bits, never), or sparse."""
     dense = w0.shape[0] > 0 and data.size == 0
     stored = w0.size if dense else data.size
-    return ops.batch_parts(gates.shape[1], gates.shape[0] * gates.shape[1] * stored, dense)
+    blas = dense and w0.dtype.kind == "f"
+    return ops.batch_parts(gates.shape[1], gates.shape[0] * gates.shape[1] * stored, blas)
 
 
 def seq_forward(args, cell, two=False):
