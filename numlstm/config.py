@@ -53,6 +53,14 @@ DENSE_FOR_QUANTIZED = False
 # windowed layout would also lose the batched panel kernel: 1.6x slower at
 # B=16).
 QUANTIZED_LAYOUT_SLACK = 0.25
+# A quantized weight's per-step products (streams, and recurrences at batch
+# < STEP_MAX_B) may run from a windowed copy of it, built at their first use
+# where the cost model prices it below the stored SELL layout (it does at
+# I=64, H=256, 90%: float16 and int8 then stream about as fast as float32,
+# against 0.8x on SELL's gathers), for more bytes than the stored ones
+# (counted in weight_bytes and memory_report as "layout"). Off
+# (NUMLSTM_QUANTIZED_STEP_COPY=0): a quantized model keeps to its stored bytes.
+QUANTIZED_STEP_COPY = os.environ.get("NUMLSTM_QUANTIZED_STEP_COPY", "1") != "0"
 # Threads of a batch-1 stream step (NUMLSTM_STEP_THREADS): "auto" (two where
 # the process may run on two cores), or a number (1: never a worker thread).
 # Two only for steps estimated (by STEP_COSTS) at PAIR_MIN_NS or more: below
@@ -74,15 +82,16 @@ PAIR_SEQ_MIN_NS = 40_000
 PAIR_SEQ_MIN_TOTAL_NS = 1_000_000
 # ns of one product with one row of x, by ISA: per lane of a layout's entries
 # (padding included), per window or slice, per dense entry, per CSR value and
-# row; times "beyond_l2" for a layout that does not fit in L2. Fitted with
-# benchmarks/layout_costs.py on a Xeon (Emerald Rapids, AVX-512); the AVX2
-# figures are estimates (gathers and permutes 8 lanes wide). Only their
-# ratios matter.
+# row; and for an operand larger than L2, at least "stream_byte" per byte of
+# it (numlstm.layouts._streamed; measured 0.041-0.045 for dense, windowed and
+# SELL layouts of a 4096x1024 weight). Fitted with benchmarks/layout_costs.py
+# on a Xeon (Emerald Rapids, AVX-512, 2 MiB L2); the AVX2 figures are
+# estimates (gathers and permutes 8 lanes wide). Only their ratios matter.
 STEP_COSTS = {
     "avx512": {"window_lane": 0.08, "window": 2.3, "sell_lane": 0.3, "slice": 2.0,
-               "dense": 0.055, "csr": 0.45, "row": 3.0, "beyond_l2": 2.5},
+               "dense": 0.055, "csr": 0.45, "row": 3.0, "stream_byte": 0.043},
     "avx2": {"window_lane": 0.12, "window": 2.3, "sell_lane": 0.45, "slice": 2.0,
-             "dense": 0.065, "csr": 0.45, "row": 3.0, "beyond_l2": 2.5},
+             "dense": 0.065, "csr": 0.45, "row": 3.0, "stream_byte": 0.043},
 }
 
 # Batched kernels (input projections over all T*B rows, weight-gradient SDDMM)

@@ -31,13 +31,31 @@ import numpy as np
 
 from numlstm import config
 from numlstm.kernels import sell as sell_kernels
-from numlstm.kernels.vector_ir import SELL_LANES, WINDOW, WINDOW_PAD
+from numlstm.kernels.vector_ir import CHAINS, SELL_LANES, WINDOW, WINDOW_PAD
+
+MAX_WINDOWS = 256  # windows of one weight's windowed layout (an entry's window is a byte)
 
 KINDS = ("windows", "sell", "dense", "csr")
 
 
 def _l2_bytes():
-    """This core's L2 cache in bytes (1 MiB when the system does not say)."""
+    """This core's L2 cache in bytes (1 MiB when the system does not say).
+
+    Linux's sysfs first: Python's ``os.sysconf`` does not know the
+    ``SC_LEVEL2_CACHE_SIZE`` name on most builds (it raised ValueError, and a
+    2 MiB L2 was taken for the 1 MiB default)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            with open(f"{base}/{entry}/level") as f:
+                level = f.read().strip()
+            with open(f"{base}/{entry}/size") as f:
+                size = f.read().strip()
+            digits = size.rstrip("KM")
+            if level == "2" and digits.isdigit():
+                return int(digits) * {"K": 2**10, "M": 2**20}.get(size[len(digits):], 1)
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_LEVEL2_CACHE_SIZE") or 2**20
     except (ValueError, OSError):
@@ -68,7 +86,7 @@ def build(weight, forced=None):
                                        weight.shape, sigma=sigma),
                   "csr": lambda: None}
     quantized = weight.value_type in ("float16", "int8")
-    if WINDOW and weight.dtype == np.float32:
+    if SellWindows.applies(weight.shape, weight.dtype):
         candidates["windows"] = lambda: SellWindows(
             weight.data, weight.indices, weight.indptr, weight.shape, weight.scales,
             sigma=sigma)
@@ -93,17 +111,42 @@ def build(weight, forced=None):
     return built[best] if best != "dense" else candidates["dense"]()
 
 
+def quantized_step(weight, stored):
+    """The per-step layout of a quantized (float16 / int8) ``weight`` stored as
+    ``stored`` (its SELL layout, or None: its CSR arrays): a windowed copy
+    where ``config.QUANTIZED_STEP_COPY`` allows one and ``cost`` prices it
+    below the storage (or ``config.STEP_LAYOUT`` forces "windows"), else None:
+    the per-step products read the storage. A forced kind other than
+    "windows" or "auto" keeps the storage."""
+    if (not config.QUANTIZED_STEP_COPY or isinstance(stored, SellWindows)
+            or config.STEP_LAYOUT not in ("auto", "windows")
+            or not SellWindows.applies(weight.shape, weight.dtype)):
+        return None
+    copy = SellWindows(weight.data, weight.indices, weight.indptr, weight.shape, weight.scales,
+                       sigma=config.SELL_SIGMA)
+    if config.STEP_LAYOUT == "windows" or cost(weight, copy) < cost(weight, stored):
+        return copy
+    return None
+
+
 def step_costs():
     """This CPU's ``config.STEP_COSTS`` (by its vector width)."""
     return config.STEP_COSTS["avx512" if SELL_LANES == 16 else "avx2"]
 
 
+def _streamed(ns, nbytes):
+    """``ns`` of a product whose operand is ``nbytes`` long: beyond L2 the
+    operand streams from L3 or memory at every product, so the product takes
+    at least its bytes at ``stream_byte`` ns each (a roofline: computing and
+    streaming overlap)."""
+    return max(ns, nbytes * step_costs()["stream_byte"]) if nbytes > L2_BYTES else ns
+
+
 def dense_cost(shape, itemsize):
     """Estimated ns of a product with one row of x through a dense (R, K)
     matrix of ``itemsize``-byte values."""
-    c = step_costs()
     R, K = shape
-    return R * K * c["dense"] * (c["beyond_l2"] if R * K * itemsize > L2_BYTES else 1.0)
+    return _streamed(R * K * step_costs()["dense"], R * K * itemsize)
 
 
 def cost(weight, layout):
@@ -111,19 +154,22 @@ def cost(weight, layout):
     (as ``build`` returns it), from its sizes and ``config.STEP_COSTS``.
 
     Measured per ISA (``benchmarks/layout_costs.py``); what matters is their
-    ratios. A layout larger than L2 is streamed from L3 at ``beyond_l2``
-    times the cost.
+    ratios. Past L2, each is at least its bytes streamed (``_streamed``): a
+    gathering SELL product, which computes slowly, then beats a windowed one,
+    which reads twice the bytes (4096x1024 at 10%: 108 against 172 us).
     """
     c = step_costs()
     R = weight.shape[0]
     if layout is None:
-        return weight.nnz * c["csr"] + R * c["row"]
-    slow = c["beyond_l2"] if layout.nbytes > L2_BYTES else 1.0
+        nbytes = weight.data.nbytes + weight.indices.nbytes + weight.indptr.nbytes
+        return _streamed(weight.nnz * c["csr"] + R * c["row"], nbytes)
     if isinstance(layout, SellWindows):
         windows = layout.table.shape[0] * (layout.table.shape[1] - 1 - SELL_LANES)
-        return layout.data.size * c["window_lane"] * slow + windows * c["window"]
+        return _streamed(layout.data.size * c["window_lane"] + windows * c["window"],
+                         layout.nbytes)
     if isinstance(layout, Sell):
-        return layout.data.size * c["sell_lane"] * slow + layout.slices.shape[0] * c["slice"]
+        return _streamed(layout.data.size * c["sell_lane"] + layout.slices.shape[0] * c["slice"],
+                         layout.nbytes)
     return dense_cost(weight.shape, weight.dtype.itemsize)
 
 
@@ -241,6 +287,12 @@ class SellWindows:
     """
 
     kind = "windows"
+
+    @staticmethod
+    def applies(shape, dtype):
+        """Whether a weight of ``shape`` and model ``dtype`` has a windowed
+        layout here: float32 inputs, and an AVX2 or AVX-512 CPU."""
+        return bool(WINDOW) and dtype == np.float32
 
     def __init__(self, values, indices, indptr, shape, scales=None, lanes=SELL_LANES,
                  sigma=None):

@@ -189,7 +189,7 @@ class CSR(_Weight):
     def data(self):
         """The values (nnz,) in CSR order: the live array of a trainable weight; a
         copy rebuilt from the layout for a quantized one stored as SELL."""
-        return self._data if self._data is not None else self._step[0].csr_values()
+        return self._data if self._data is not None else self._store.csr_values()
 
     @data.setter
     def data(self, value):
@@ -204,17 +204,18 @@ class CSR(_Weight):
         SELL layout is the storage)."""
         if self._indices is not None:
             return self._indices
-        return self._step[0].csr_indices(self._index_dtype)
+        return self._store.csr_indices(self._index_dtype)
 
     def _bind(self):
         """The kernel arguments (views of the stored arrays, made once).
 
-        The per-step execution layout of a trainable weight is built on first
-        use (``step_args``: a stream, or a forward at batch < ``STEP_MAX_B``),
-        so a model that only trains never pays its bytes. A quantized weight
-        (inference only, values never updated) gets it now, and when it is a
-        SELL layout keeps only the layout: the CSR arrays are rebuilt from it
-        when asked for (``data``, ``indices``)."""
+        The per-step execution layout is built on first use (``step_args``:
+        a stream, or a forward at batch < ``STEP_MAX_B``), so a model that
+        only trains, or only runs batches, never pays its bytes. A quantized
+        weight (inference only, values never updated) is stored now as the
+        layout ``layouts.build`` picks, and when that is a SELL layout keeps
+        only it (``_store``): batched products run on it, and the CSR arrays
+        are rebuilt from it when asked for (``data``, ``indices``)."""
         data = self._data
         if data.dtype == np.int8:  # (R, 1) scale bits
             w0, kdata = self.scales.view(np.uint16).reshape(-1, 1), data
@@ -224,24 +225,31 @@ class CSR(_Weight):
             w0, kdata = self._no_dense, data
         self._args = (w0, kdata, self._indices, self.indptr)
         self._step = None  # (layout or self, its kernel arguments), built on first use
+        self._store = None  # the SELL layout that stores a quantized weight, if any
         if not self.trainable:
-            self._build_step()
-            if isinstance(self._step[0], layouts.SELL_KINDS):
-                self._args = self._step[1]  # batched products run on the layout too
+            layout = layouts.build(self)
+            if isinstance(layout, layouts.SELL_KINDS):
+                self._store = layout
+                self._args = self.layout_args(layout)
                 self._data = self._indices = None
+            elif layout is not None:  # a dense copy (config.DENSE_FOR_QUANTIZED)
+                self._step = (layout, self.layout_args(layout))
 
     def _build_step(self):
         # Under a lock, checked again inside: two threads making streams of one
         # model must bind the same layout (the one refresh_step updates).
         with _STEP_LOCK:
             if self._step is None:
-                layout = layouts.build(self)
+                if self.trainable:
+                    layout = layouts.build(self)
+                else:  # its storage, or a windowed copy for the per-step products
+                    layout = layouts.quantized_step(self, self._store) or self._store
                 self._step = (self if layout is None else layout, self.layout_args(layout))
 
     def __getstate__(self):
         # Views would pickle as copies that in-place updates no longer reach.
         state = dict(self.__dict__, _transposed=None, _data=self.data, _indices=self.indices,
-                     _step=None)
+                     _step=None, _store=None)
         del state["_args"]
         return state
 
@@ -270,16 +278,19 @@ class CSR(_Weight):
 
     def nbytes_parts(self):
         """As for every kind, plus ``layout``: the per-step execution layout's copy
-        (0 when the per-step products read the CSR arrays themselves). When the
+        (0 when the per-step products read the stored arrays themselves). When a
         SELL layout is the storage, values and indices are its arrays (padding
-        included) and ``layout`` the rest of it (slice table, lane scales)."""
-        layout = self._step[0] if self._step is not None else self
-        if self._data is None:
-            return {"values": layout.data.nbytes, "indices": layout.indices.nbytes,
+        included) and ``layout`` also holds the rest of it (slice table, lane
+        scales)."""
+        step = self._step[0] if self._step is not None else self
+        copy = 0 if step is self or step is self._store else step.nbytes
+        store = self._store
+        if store is not None:
+            return {"values": store.data.nbytes, "indices": store.indices.nbytes,
                     "indptr": self.indptr.nbytes, "scales": self.scales.nbytes
                     if self.scales is not None else 0,
-                    "layout": layout.nbytes - layout.data.nbytes - layout.indices.nbytes}
-        return dict(super().nbytes_parts(), layout=0 if layout is self else layout.nbytes)
+                    "layout": store.nbytes - store.data.nbytes - store.indices.nbytes + copy}
+        return dict(super().nbytes_parts(), layout=copy)
 
     def layout_args(self, layout):
         """Kernel arguments of this weight through ``layout`` (as
@@ -313,7 +324,7 @@ class CSR(_Weight):
 
     def refresh_step(self):
         """Copy the current values into the execution layout, if it holds a copy."""
-        if self._step is None or self._data is None:  # none yet, or it is the storage
+        if self._step is None or not self.trainable:  # none yet, or values never change
             return
         layout = self._step[0]
         if isinstance(layout, layouts.SELL_KINDS):

@@ -139,7 +139,7 @@ def test_batched_products_of_a_weight_stored_as_sell(R, C, density, dtype, value
         weight = quantize_weight(_csr(rng, R, C, density, dtype, ()), values, "uint16")
     finally:
         config.STEP_LAYOUT = saved
-    assert isinstance(weight.step_layout(), layouts.Sell) and weight.kernel_args()[1].ndim == 2
+    assert isinstance(weight._store, layouts.Sell) and weight.kernel_args()[1].ndim == 2
     x = rng.standard_normal((N, C)).astype(dtype)
     for kernel in (K.sparse_matmul, K.sparse_matmul_parallel):
         out = np.full((N, R), np.nan, dtype)
@@ -154,3 +154,48 @@ def test_an_unknown_forced_layout_is_a_clear_error(monkeypatch):
     numlstm.prune.magnitude(m, 0.5)
     with pytest.raises(ValueError, match=r"NUMLSTM_STEP_LAYOUT.*got 'sel'"):
         m.stream(1)
+
+
+@pytest.mark.skipif(not WINDOW, reason="no windowed layout on this CPU")
+@pytest.mark.parametrize("values", ["float16", "int8"])
+def test_a_quantized_weight_steps_on_a_windowed_copy_of_its_storage(values, monkeypatch):
+    """The copy is made at the first per-step use where the cost model prices
+    it below the stored SELL layout, multiplies as the storage does, and its
+    bytes are counted; switched off, the steps read the storage."""
+    rng = np.random.default_rng(0)
+    csr = _csr(rng, 1024, 256, 0.1, np.float32, ())
+    weight = quantize_weight(csr, values)
+    store = weight._store
+    assert isinstance(store, layouts.Sell)
+    before = weight.nbytes_parts()
+    copy = weight.step_layout()
+    assert isinstance(copy, layouts.SellWindows)
+    assert layouts.cost(weight, copy) < layouts.cost(weight, store)
+    after = weight.nbytes_parts()
+    assert after["layout"] == before["layout"] + copy.nbytes
+    assert {k: v for k, v in after.items() if k != "layout"} == \
+        {k: v for k, v in before.items() if k != "layout"}
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    stepped, stored = np.empty((2, 1024), np.float32), np.empty((2, 1024), np.float32)
+    K.matmul(stepped, x, *weight.step_args())
+    K.matmul(stored, x, *weight.kernel_args())
+    np.testing.assert_allclose(stepped, stored, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(weight.to_array(), quantize_weight(csr, values).to_array())
+
+    monkeypatch.setattr(config, "QUANTIZED_STEP_COPY", False)
+    kept = quantize_weight(csr, values)
+    assert kept.step_layout() is kept._store
+    assert kept.nbytes_parts() == before
+
+
+def test_quantized_streams_with_and_without_the_step_copy_agree(monkeypatch):
+    x = np.random.default_rng(2).standard_normal((6, 1, 16)).astype(np.float32)
+    outs = []
+    for copy in (True, False):
+        monkeypatch.setattr(config, "QUANTIZED_STEP_COPY", copy)
+        m = numlstm.LSTM(16, 64, num_layers=2, seed=0)
+        numlstm.prune.magnitude(m, 0.9)
+        numlstm.quantize.quantize(m, "int8")
+        s = m.stream(1)
+        outs.append(np.stack([s.step(x[t]).copy() for t in range(6)]))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
