@@ -31,9 +31,7 @@ import numpy as np
 
 from numlstm import config
 from numlstm.kernels import sell as sell_kernels
-from numlstm.kernels.vector_ir import CHAINS, SELL_LANES, WINDOW, WINDOW_PAD
-
-MAX_WINDOWS = 256  # windows of one weight's windowed layout (an entry's window is a byte)
+from numlstm.kernels.vector_ir import SELL_LANES, WINDOW, WINDOW_PAD
 
 KINDS = ("windows", "sell", "dense", "csr")
 
@@ -192,7 +190,7 @@ def _order(lens, sigma, C):
     return np.lexsort((rows, -lens, window, half))
 
 
-def _bits(a):
+def value_bits(a):
     """float16 arrays as their uint16 bits (numba has no float16 on the CPU)."""
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
@@ -241,12 +239,14 @@ class Sell:
 
     def refresh(self, values):
         """Copy the weight's current values (nnz,) into the layout."""
-        sell_kernels.sell_copy(_bits(self.data), _bits(values), self._indptr, self.slices, True)
+        sell_kernels.sell_copy(value_bits(self.data), value_bits(values), self._indptr,
+                               self.slices, True)
 
     def csr_values(self):
         """The values in CSR order (nnz,): a new array."""
         out = np.empty(int(self._indptr[-1]), self.data.dtype)
-        sell_kernels.sell_copy(_bits(self.data), _bits(out), self._indptr, self.slices, False)
+        sell_kernels.sell_copy(value_bits(self.data), value_bits(out), self._indptr,
+                               self.slices, False)
         return out
 
     def csr_indices(self, dtype):
@@ -277,6 +277,9 @@ class SellWindows:
         Values (the weight's value type; float16 as is, int8).
     indices : array (E, C) uint8
         Column within the entry's window (>= ``WINDOW_PAD``: padding).
+    words : array (E, C) int16, or None
+        int8 values only: value << 8 | column in one word a lane, the array
+        the kernel reads (``data`` and ``indices`` are views of its bytes).
     table : array (nslices, nwin + 1 + C) int32
         Per slice: the first entry of each window and the slice's end, then
         the row of each lane (-1: none).
@@ -326,10 +329,20 @@ class SellWindows:
         s, lane = np.divmod(slot[row_of], C)
         pos = (offsets[s * nwin + cols // WW] + np.arange(key.shape[0]) - first) * C + lane
         E = int(offsets[-1])
-        self.indices = np.full((E, C), WINDOW_PAD, np.uint8)
-        self.indices.reshape(-1)[pos] = cols % WW
-        self.data = np.zeros((E, C), values.dtype)
-        self.data.reshape(-1)[pos] = values
+        self.words = None
+        if values.dtype == np.int8:
+            # int8 values travel with their columns, one int16 word a lane
+            # (value << 8 | column, little-endian): the kernel sign-extends a
+            # vector of words once for both (``vector_ir._window_codegen``).
+            self.words = np.full((E, C), WINDOW_PAD, np.int16)
+            self.words.reshape(-1)[pos] = (values.astype(np.int16) << 8) | (cols % WW)
+            self.indices = self.words.view(np.uint8)[:, 0::2]  # views of the words' bytes
+            self.data = self.words.view(np.int8)[:, 1::2]
+        else:
+            self.indices = np.full((E, C), WINDOW_PAD, np.uint8)
+            self.indices.reshape(-1)[pos] = cols % WW
+            self.data = np.zeros((E, C), values.dtype)
+            self.data.reshape(-1)[pos] = values
         self._indptr = indptr
         self.lane_scales = np.zeros((0, 0), np.float32)
         if scales is not None:
@@ -339,13 +352,13 @@ class SellWindows:
 
     def refresh(self, values):
         """Copy the weight's current values (nnz,) into the layout."""
-        sell_kernels.window_copy(_bits(self.data), _bits(values), self._indptr, self.indices,
-                                 self.table, WINDOW_PAD, True)
+        sell_kernels.window_copy(value_bits(self.data), value_bits(values), self._indptr,
+                                 self.indices, self.table, WINDOW_PAD, True)
 
     def csr_values(self):
         """The values in CSR order (nnz,): a new array."""
         out = np.empty(int(self._indptr[-1]), self.data.dtype)
-        sell_kernels.window_copy(_bits(self.data), _bits(out), self._indptr, self.indices,
+        sell_kernels.window_copy(value_bits(self.data), value_bits(out), self._indptr, self.indices,
                                  self.table, WINDOW_PAD, False)
         return out
 

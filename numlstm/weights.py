@@ -295,15 +295,17 @@ class CSR(_Weight):
     def layout_args(self, layout):
         """Kernel arguments of this weight through ``layout`` (as
         ``numlstm.layouts.build`` returns it; None: the CSR arrays)."""
-        w0, kdata = self._args[:2]  # kdata: how the kernels see the value type
         if layout is None:
             return self._args
         if isinstance(layout, Dense):
             return layout.kernel_args()
-        values = layout.data.view(kdata.dtype)
+        if isinstance(layout, layouts.SellWindows) and layout.words is not None:
+            # int8: the packed words (the kernel takes no indices of its own)
+            return layout.lane_scales, layout.words, layout.words.view(np.uint8), layout.table
+        values = layouts.value_bits(layout.data)  # how the kernels see the value type
         if isinstance(layout, layouts.SellWindows):
             return layout.lane_scales, values, layout.indices, layout.table
-        return w0, values, layout.indices, layout.slices
+        return self._args[0], values, layout.indices, layout.slices  # w0: int8's row scales
 
     def dense_copy(self):
         """A ``Dense`` copy of the weight (the ``dense`` execution layout)."""

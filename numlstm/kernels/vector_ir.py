@@ -48,6 +48,7 @@ from numba.extending import intrinsic
 LANES = 8  # vector width in elements, and rows of x per panel
 CHAINS = 4  # independent accumulators per sum
 PANEL_MAX_K = 4096  # a panel's transposed copy lives on the stack: <= 256 KiB (float64)
+SELL_HELD = 64  # entries of a slice whose widened values a SELL panel holds at a time
 
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
@@ -247,11 +248,7 @@ def _panel_codegen(shape):
 
         slots = e.accumulators(LANES if shape == "8x1" else CHAINS)
 
-        lane = [None]  # "sell": the slice lane whose row is being summed
-
         def csr_value(slot, k):
-            if shape == "sell":  # entry k of the slice, this row's lane
-                k = b.add(b.mul(k, _I64(SELL_LANES)), lane[0])
             if data_t.dtype in (nbtypes.uint16, nbtypes.int8):  # float16 bits, int8
                 one = b.load(b.gep(data.data, [k]))
                 wide = e.widened(b.insert_element(ir.Constant(ir.VectorType(one.type, 1),
@@ -288,7 +285,7 @@ def _panel_codegen(shape):
 
         def row(r, start, stop):
             e.zero(slots)
-            if shape in ("csr", "sell"):
+            if shape == "csr":
                 e.chained(start, stop, slots, csr_value)
             else:
                 with cgutils.for_range_slice(b, start, stop, _I64(1)) as (k, _):
@@ -300,16 +297,49 @@ def _panel_codegen(shape):
                 store_lanes(row_scale(e.total(slots), r), r)
 
         if shape == "sell":  # indptr: the slice table (nslices, 2 + C)
+            # Entry by entry, all C rows of the slice at once, each lane's value
+            # broadcast (a load) into its row's accumulator. float16 and int8
+            # values are first widened a vector at a time, SELL_HELD entries
+            # of the slice into a stack buffer (a separate loop: within one,
+            # LLVM forwards the stores and extracts lanes on the shuffle port).
+            # Row by row they paid a scalar conversion and a register
+            # broadcast per multiply-add (1.4x the float32 CSR panel at B=16).
+            C = SELL_LANES
+            converted = data_t.dtype != x_t.dtype
+            wide = ir.VectorType(e.vty.element, C)
+            stored = ir.VectorType(context.get_value_type(data_t.dtype), C)
+            held = b.alloca(e.vty.element, size=_I64(C * SELL_HELD))
+            accs = e.accumulators(C)
             nslices, width = cgutils.unpack_tuple(b, indptr.shape)
             with cgutils.for_range(b, nslices) as sl:
                 row0 = b.mul(sl.index, width)
                 start = e.index(indptr, indptr_t, row0)
                 stop = e.index(indptr, indptr_t, b.add(row0, _I64(1)))
-                with cgutils.for_range(b, _I64(SELL_LANES)) as ln:
-                    r = e.index(indptr, indptr_t, b.add(row0, b.add(ln.index, _I64(2))))
+                e.zero(accs)
+                chunks = b.udiv(b.add(b.sub(stop, start), _I64(SELL_HELD - 1)), _I64(SELL_HELD))
+                with cgutils.for_range(b, chunks) as chunk:
+                    k0 = b.add(start, b.mul(chunk.index, _I64(SELL_HELD)))
+                    k1 = b.select(b.icmp_signed("<", b.add(k0, _I64(SELL_HELD)), stop),
+                                  b.add(k0, _I64(SELL_HELD)), stop)
+                    if converted:
+                        with cgutils.for_range_slice(b, k0, k1, _I64(1)) as (k, _):
+                            vals = b.load(b.bitcast(b.gep(data.data, [b.mul(k, _I64(C))]),
+                                                    stored.as_pointer()),
+                                          align=data_t.dtype.bitwidth // 8)
+                            dst = b.gep(held, [b.mul(b.sub(k, k0), _I64(C))])
+                            b.store(e.widened(vals, data_t.dtype),
+                                    b.bitcast(dst, wide.as_pointer()), align=e.align)
+                    with cgutils.for_range_slice(b, k0, k1, _I64(1)) as (k, _):
+                        q = b.mul(k, _I64(C))
+                        src, at = (held, b.mul(b.sub(k, k0), _I64(C))) if converted \
+                            else (data.data, q)
+                        for j, acc in enumerate(accs):
+                            c = e.index(indices, indices_t, b.add(q, _I64(j)))
+                            e.fma(acc, e.broadcast(src, b.add(at, _I64(j))), column(c))
+                for j, acc in enumerate(accs):
+                    r = e.index(indptr, indptr_t, b.add(row0, _I64(2 + j)))
                     with b.if_then(b.icmp_signed(">=", r, _I64(0))):
-                        lane[0] = ln.index
-                        row(r, start, stop)
+                        store_lanes(row_scale(b.load(acc), r), r)
         else:
             e.rows(indptr, indptr_t, row)
         e.stack_restore(stack)
@@ -406,6 +436,12 @@ def _window_codegen(context, builder, sig, args):
     of each of its nwin windows and the end, then the output row of each lane
     (-1: none); w0 (nslices, C) float32 lane scales for int8 values, else
     empty. x is copied into a zero-padded stack buffer of nwin * WINDOW.
+
+    int8 values come packed with their columns, data (E, C) int16 words
+    value << 8 | column (``SellWindows.words``; indices unread): one
+    sign-extension gives both the permute's index (vpermi2ps reads its low
+    bits) and, shifted, the value; widening two byte vectors took one more
+    op on the port that also permutes.
     """
     on, xn, data, indices, table, w0 = _arrays(context, builder, sig, args, 6)
     _, x_t, data_t, _, table_t, _ = sig.args
@@ -425,6 +461,8 @@ def _window_codegen(context, builder, sig, args):
         b.store(value, b.gep(xpad, [col.index]))
     slots = e.accumulators(CHAINS)
     mask = ir.Constant(ir.VectorType(_I32, C), [WINDOW - 1] * C)
+    packed = data_t.dtype == nbtypes.int16
+    eight = ir.Constant(ir.VectorType(_I32, C), [8] * C)
 
     with cgutils.for_range(b, nslices) as sl:
         row0 = b.mul(sl.index, width)
@@ -440,13 +478,20 @@ def _window_codegen(context, builder, sig, args):
                 q = b.mul(k, _I64(C))
                 vals = b.load(b.bitcast(b.gep(data.data, [q]), stored.as_pointer()),
                               align=data_t.dtype.bitwidth // 8)
-                cols = b.load(b.bitcast(b.gep(indices.data, [q]), cols_ty.as_pointer()), align=1)
-                idx = b.and_(b.zext(cols, ir.VectorType(_I32, C)), mask)
-                e.fma(slot, e.widened(vals, data_t.dtype), _permute(e, lo, idx, hi))
+                if packed:  # int16 words: value << 8 | column, one widening for both
+                    words = b.sext(vals, ir.VectorType(_I32, C))
+                    value = b.sitofp(b.ashr(words, eight), e.vty)
+                    idx = b.and_(words, mask)
+                else:
+                    cols = b.load(b.bitcast(b.gep(indices.data, [q]), cols_ty.as_pointer()),
+                                  align=1)
+                    idx = b.and_(b.zext(cols, ir.VectorType(_I32, C)), mask)
+                    value = e.widened(vals, data_t.dtype)
+                e.fma(slot, value, _permute(e, lo, idx, hi))
 
             e.chained(start, stop, slots, entry)
         acc = e.total(slots)
-        if data_t.dtype == nbtypes.int8:
+        if data_t.dtype in (nbtypes.int8, nbtypes.int16):
             scale = b.load(b.bitcast(b.gep(w0.data, [b.mul(sl.index, _I64(C))]),
                                      e.vty.as_pointer()), align=4)
             acc = b.fmul(acc, scale)
@@ -465,7 +510,7 @@ def sell_windows(typingctx, on, xn, data, indices, table, w0):
     if (WINDOW and all(getattr(a, "layout", "") == "C" for a in arrays)
             and xn.dtype == nbtypes.float32 and on.dtype == xn.dtype
             and getattr(data, "ndim", 0) == 2 and getattr(indices, "ndim", 0) == 2
-            and data.dtype in (nbtypes.float32, nbtypes.uint16, nbtypes.int8)
+            and data.dtype in (nbtypes.float32, nbtypes.uint16, nbtypes.int8, nbtypes.int16)
             and indices.dtype == nbtypes.uint8 and table.dtype == nbtypes.int32
             and w0.dtype == nbtypes.float32):
         return nbtypes.none(*arrays), _window_codegen
