@@ -48,7 +48,6 @@ from numba.extending import intrinsic
 LANES = 8  # vector width in elements, and rows of x per panel
 CHAINS = 4  # independent accumulators per sum
 PANEL_MAX_K = 4096  # a panel's transposed copy lives on the stack: <= 256 KiB (float64)
-SELL_HELD = 64  # entries of a slice whose widened values a SELL panel holds at a time
 
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
@@ -297,18 +296,12 @@ def _panel_codegen(shape):
                 store_lanes(row_scale(e.total(slots), r), r)
 
         if shape == "sell":  # indptr: the slice table (nslices, 2 + C)
-            # Entry by entry, all C rows of the slice at once, each lane's value
-            # broadcast (a load) into its row's accumulator. float16 and int8
-            # values are first widened a vector at a time, SELL_HELD entries
-            # of the slice into a stack buffer (a separate loop: within one,
-            # LLVM forwards the stores and extracts lanes on the shuffle port).
-            # Row by row they paid a scalar conversion and a register
-            # broadcast per multiply-add (1.4x the float32 CSR panel at B=16).
+            # Entry by entry, all C rows of the slice at once: an entry's C
+            # values are widened by one vector conversion, and each lane's is
+            # broadcast from that register into its row's accumulator.
             C = SELL_LANES
-            converted = data_t.dtype != x_t.dtype
-            wide = ir.VectorType(e.vty.element, C)
             stored = ir.VectorType(context.get_value_type(data_t.dtype), C)
-            held = b.alloca(e.vty.element, size=_I64(C * SELL_HELD))
+            undef = ir.Constant(ir.VectorType(e.vty.element, C), ir.Undefined)
             accs = e.accumulators(C)
             nslices, width = cgutils.unpack_tuple(b, indptr.shape)
             with cgutils.for_range(b, nslices) as sl:
@@ -316,26 +309,15 @@ def _panel_codegen(shape):
                 start = e.index(indptr, indptr_t, row0)
                 stop = e.index(indptr, indptr_t, b.add(row0, _I64(1)))
                 e.zero(accs)
-                chunks = b.udiv(b.add(b.sub(stop, start), _I64(SELL_HELD - 1)), _I64(SELL_HELD))
-                with cgutils.for_range(b, chunks) as chunk:
-                    k0 = b.add(start, b.mul(chunk.index, _I64(SELL_HELD)))
-                    k1 = b.select(b.icmp_signed("<", b.add(k0, _I64(SELL_HELD)), stop),
-                                  b.add(k0, _I64(SELL_HELD)), stop)
-                    if converted:
-                        with cgutils.for_range_slice(b, k0, k1, _I64(1)) as (k, _):
-                            vals = b.load(b.bitcast(b.gep(data.data, [b.mul(k, _I64(C))]),
-                                                    stored.as_pointer()),
-                                          align=data_t.dtype.bitwidth // 8)
-                            dst = b.gep(held, [b.mul(b.sub(k, k0), _I64(C))])
-                            b.store(e.widened(vals, data_t.dtype),
-                                    b.bitcast(dst, wide.as_pointer()), align=e.align)
-                    with cgutils.for_range_slice(b, k0, k1, _I64(1)) as (k, _):
-                        q = b.mul(k, _I64(C))
-                        src, at = (held, b.mul(b.sub(k, k0), _I64(C))) if converted \
-                            else (data.data, q)
-                        for j, acc in enumerate(accs):
-                            c = e.index(indices, indices_t, b.add(q, _I64(j)))
-                            e.fma(acc, e.broadcast(src, b.add(at, _I64(j))), column(c))
+                with cgutils.for_range_slice(b, start, stop, _I64(1)) as (k, _):
+                    q = b.mul(k, _I64(C))
+                    vals = e.widened(b.load(b.bitcast(b.gep(data.data, [q]), stored.as_pointer()),
+                                            align=data_t.dtype.bitwidth // 8), data_t.dtype)
+                    for j, acc in enumerate(accs):
+                        c = e.index(indices, indices_t, b.add(q, _I64(j)))
+                        lane = b.shuffle_vector(vals, undef, ir.Constant(
+                            ir.VectorType(_I32, LANES), [j] * LANES))
+                        e.fma(acc, lane, column(c))
                 for j, acc in enumerate(accs):
                     r = e.index(indptr, indptr_t, b.add(row0, _I64(2 + j)))
                     with b.if_then(b.icmp_signed(">=", r, _I64(0))):
