@@ -84,7 +84,7 @@ def build(weight, forced=None):
                                        weight.shape, sigma=sigma),
                   "csr": lambda: None}
     quantized = weight.value_type in ("float16", "int8")
-    if SellWindows.applies(weight.shape, weight.dtype):
+    if SellWindows.applies(weight.dtype):
         candidates["windows"] = lambda: SellWindows(
             weight.data, weight.indices, weight.indptr, weight.shape, weight.scales,
             sigma=sigma)
@@ -113,18 +113,15 @@ def quantized_step(weight, stored):
     """The per-step layout of a quantized (float16 / int8) ``weight`` stored as
     ``stored`` (its SELL layout, or None: its CSR arrays): a windowed copy
     where ``config.QUANTIZED_STEP_COPY`` allows one and ``cost`` prices it
-    below the storage (or ``config.STEP_LAYOUT`` forces "windows"), else None:
-    the per-step products read the storage. A forced kind other than
-    "windows" or "auto" keeps the storage."""
-    if (not config.QUANTIZED_STEP_COPY or isinstance(stored, SellWindows)
-            or config.STEP_LAYOUT not in ("auto", "windows")
-            or not SellWindows.applies(weight.shape, weight.dtype)):
+    below the storage, else None (the per-step products read the storage).
+    Only under "auto": a forced ``config.STEP_LAYOUT`` already chose the
+    storage ("windows" included)."""
+    if (not config.QUANTIZED_STEP_COPY or config.STEP_LAYOUT != "auto"
+            or isinstance(stored, SellWindows) or not SellWindows.applies(weight.dtype)):
         return None
     copy = SellWindows(weight.data, weight.indices, weight.indptr, weight.shape, weight.scales,
                        sigma=config.SELL_SIGMA)
-    if config.STEP_LAYOUT == "windows" or cost(weight, copy) < cost(weight, stored):
-        return copy
-    return None
+    return copy if cost(weight, copy) < cost(weight, stored) else None
 
 
 def step_costs():
@@ -292,9 +289,9 @@ class SellWindows:
     kind = "windows"
 
     @staticmethod
-    def applies(shape, dtype):
-        """Whether a weight of ``shape`` and model ``dtype`` has a windowed
-        layout here: float32 inputs, and an AVX2 or AVX-512 CPU."""
+    def applies(dtype):
+        """Whether a weight of model ``dtype`` has a windowed layout here:
+        float32 inputs, and an AVX2 or AVX-512 CPU."""
         return bool(WINDOW) and dtype == np.float32
 
     def __init__(self, values, indices, indptr, shape, scales=None, lanes=SELL_LANES,
