@@ -66,9 +66,11 @@ QUANTIZED_STEP_COPY = os.environ.get("NUMLSTM_QUANTIZED_STEP_COPY", "1") != "0"
 # Two only for steps estimated (by STEP_COSTS) at PAIR_MIN_NS or more: below
 # it the handoffs between cores cost about what half the work saves
 # (benchmarks/results/pair.md: forced two threads 0.8-1.15x of one at H=256,
-# 1.2-3x from H=512).
+# 1.2-3x from H=512). 20 us sits between the estimates of H=256 dense (18 us,
+# two threads 0.87x) and H=512 90% CSR (23.5 us, 1.13x); it was 25 us while
+# the cost model took this CPU's 2 MiB L2 for 1 MiB (H=512 90% CSR: 32 us).
 STEP_THREADS = os.environ.get("NUMLSTM_STEP_THREADS", "auto")
-PAIR_MIN_NS = 25_000
+PAIR_MIN_NS = 20_000
 # A whole-sequence forward at B = 1 shares each time step between two threads
 # (numlstm.pair.worth_two_seq) when W_hh's product is estimated (STEP_COSTS)
 # at PAIR_SEQ_MIN_NS or more and the whole sequence's at PAIR_SEQ_MIN_TOTAL_NS
@@ -78,6 +80,9 @@ PAIR_MIN_NS = 25_000
 # H=1024 90% CSR 1.90x (186 us), 95% CSR 1.68x (107 us), 90% BSR 1.21x
 # (34 us), dense 1.02x (577 us: DRAM-bound either way); H=512 90% CSR 0.88x
 # (32 us), 95% 0.96x (15 us); every H=256 kind 0.58-1.05x forced (<= 14 us).
+# (Those estimates took the 2 MiB L2 for 1 MiB; read right: H=512 dense 180
+# us, H=1024 90% CSR 127 us, 95% 64 us, H=512 90% CSR 21 us: the same side
+# of the threshold.)
 PAIR_SEQ_MIN_NS = 40_000
 PAIR_SEQ_MIN_TOTAL_NS = 1_000_000
 # ns of one product with one row of x, by ISA: per lane of a layout's entries
