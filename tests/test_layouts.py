@@ -164,28 +164,34 @@ def test_a_quantized_weight_steps_on_a_windowed_copy_of_its_storage(values, monk
     bytes are counted; switched off, the steps read the storage."""
     rng = np.random.default_rng(0)
     csr = _csr(rng, 1024, 256, 0.1, np.float32, ())
+    with monkeypatch.context() as mp:
+        mp.setattr(config, "QUANTIZED_STEP_COPY", False)
+        kept = quantize_weight(csr, values)
+        stored_bytes = kept.nbytes_parts()
+        assert kept.step_layout() is kept._store
+        assert kept.nbytes_parts() == stored_bytes
+
     weight = quantize_weight(csr, values)
     store = weight._store
     assert isinstance(store, layouts.Sell)
-    before = weight.nbytes_parts()
+    assert weight.nbytes_parts() == stored_bytes
+    candidate = layouts.SellWindows(weight.data, weight.indices, weight.indptr, weight.shape,
+                                    weight.scales)
     copy = weight.step_layout()
+    if layouts.cost(weight, candidate) >= layouts.cost(weight, store):  # this CPU's costs
+        assert copy is store
+        return
     assert isinstance(copy, layouts.SellWindows)
-    assert layouts.cost(weight, copy) < layouts.cost(weight, store)
     after = weight.nbytes_parts()
-    assert after["layout"] == before["layout"] + copy.nbytes
+    assert after["layout"] == stored_bytes["layout"] + copy.nbytes
     assert {k: v for k, v in after.items() if k != "layout"} == \
-        {k: v for k, v in before.items() if k != "layout"}
+        {k: v for k, v in stored_bytes.items() if k != "layout"}
     x = rng.standard_normal((2, 256)).astype(np.float32)
     stepped, stored = np.empty((2, 1024), np.float32), np.empty((2, 1024), np.float32)
     K.matmul(stepped, x, *weight.step_args())
     K.matmul(stored, x, *weight.kernel_args())
     np.testing.assert_allclose(stepped, stored, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(weight.to_array(), quantize_weight(csr, values).to_array())
-
-    monkeypatch.setattr(config, "QUANTIZED_STEP_COPY", False)
-    kept = quantize_weight(csr, values)
-    assert kept.step_layout() is kept._store
-    assert kept.nbytes_parts() == before
+    np.testing.assert_array_equal(weight.to_array(), kept.to_array())
 
 
 def test_quantized_streams_with_and_without_the_step_copy_agree(monkeypatch):
