@@ -49,9 +49,10 @@ DENSE_FOR_QUANTIZED = False
 # rows) is ~16% of a small weight's bytes (an LSTM's W_ih at I=64, 90%), which
 # 0.1 excluded, leaving that weight on the CSR row loop (50% slower streams
 # at I=64, H=256). The windowed layout's padding is ~2x, so a quantized
-# weight keeps about the bytes it was quantized for and runs on gathers (the
+# weight is stored as SELL and keeps about the bytes it was quantized for (the
 # windowed layout would also lose the batched panel kernel: 1.6x slower at
-# B=16).
+# B=16); its per-step products may still run on a windowed copy
+# (QUANTIZED_STEP_COPY below).
 QUANTIZED_LAYOUT_SLACK = 0.25
 # A quantized weight's per-step products (streams, and recurrences at batch
 # < STEP_MAX_B) may run from a windowed copy of it, built at their first use

@@ -220,8 +220,8 @@ def _row_codegen(wide):
 
 def _panel_codegen(shape):
     """out[n0:n0+8] = x[n0:n0+8] @ W^T, ``shape`` "csr", "8x1", "1x8" or "sell"
-    (a CSR weight in its SELL-C-sigma layout: ``_sell_codegen``'s arrays, each
-    lane of a slice a row whose values go as a CSR row's, padding included)."""
+    (a CSR weight in its SELL-C-sigma layout, ``_sell_codegen``'s arrays: a
+    slice's C rows summed together, entry by entry, padding included)."""
     def codegen(context, builder, sig, args):
         out, x, data, indices, indptr, w0 = _arrays(context, builder, sig, args, 6)
         _, x_t, data_t, indices_t, indptr_t, _, _ = sig.args
