@@ -9,4 +9,4 @@ live in ``benchmarks.common``. Nothing is imported here, so that
 worker processes (``python -m benchmarks.<name> --worker ...``) start light.
 """
 
-BENCHMARKS = ("first", "memory", "pair", "pool", "pruning", "soak", "suite")
+BENCHMARKS = ("first", "memory", "pair", "pool", "pruning", "soak", "step_parts", "suite")

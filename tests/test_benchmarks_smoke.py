@@ -146,6 +146,37 @@ def test_quick_soak_benchmark_writes_expected_entries(quick_run):
 # The suite (issue 6): every case, every system row, agreement, no timings
 # ----------------------------------------------------------------------------
 
+def test_quick_step_parts_benchmark_writes_expected_entries(quick_run):
+    with open(quick_run / "step_parts.json") as f:
+        res = json.load(f)
+    md = (quick_run / "step_parts.md").read_text()
+    assert md.startswith("# Benchmark `step_parts`") and "## Floors under" in md
+    assert res["quick"] is True and res["config"]["rounds"] == 1
+    rows = {r["model"]: r for r in res["rows"]}
+    assert set(rows) == {"dense", "90% CSR", "99.9% CSR"}
+    for name, r in rows.items():
+        for key in ("w_ih_us", "w_hh_us", "step_us", "call_us", "seq_us"):
+            assert 0 < r[key] < 1e5, (name, key)
+        assert r["w_ih_bytes"] > 0 and r["w_hh_bytes"] > 0, name
+    # What a step reads shrinks with the weights it keeps.
+    assert rows["99.9% CSR"]["w_hh_bytes"] < rows["90% CSR"]["w_hh_bytes"] \
+        < rows["dense"]["w_hh_bytes"] == 256 * 1024 * 4
+    b = res["bounds"]
+    assert b["bytes"] == rows["dense"]["w_ih_bytes"] + rows["dense"]["w_hh_bytes"]
+    assert b["l1_gbs"] > 0 and b["l2_gbs"] > 0 and res["cell_us"] > 0
+    two_cores = len(os.sched_getaffinity(0)) > 1 if hasattr(os, "sched_getaffinity") else False
+    assert (b["l2_two_gbs"] is not None and b["round_trip_ns"] > 0) == two_cores
+    from benchmarks.step_parts import floors
+
+    targets = floors(res)
+    # Without torch only the targets relative to dense remain (90% CSR here).
+    assert len(targets) == (4 if _have("torch") else 1)
+    for target, need, got, one, two, mine in targets:
+        assert need > 0 and got > 0 and one > 0, target
+        assert (two is not None) == two_cores, target
+        assert mine is None or mine > one, target  # fixed costs on top of the bytes
+
+
 def _have(*modules):
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
