@@ -73,20 +73,21 @@ def transpose(out, a):
 PART_ROWS = 8
 
 
-def batch_parts(B, work, blas):
+def batch_parts(B, work, blas_above=None):
     """Row bounds (P+1,) int64 of a recurrence shared by P threads by batch
     rows (``kernels.cpu.lstm_seq_forward_split``), or None for one thread.
 
     Parts are whole panels of PART_ROWS rows, one per thread numba may use,
     and only for ``work`` (multiply-adds of the recurrence) of at least
-    ``config.PARALLEL_MIN_WORK``. ``blas``: the per-step products are dense;
-    BLAS threads those itself above ``DENSE_ROWS_MAX_N`` rows, so parts
-    that large are not split again.
+    ``config.PARALLEL_MIN_WORK``. ``blas_above``: the per-step products are
+    dense, and BLAS takes those of more rows than this (forward: above
+    ``DENSE_ROWS_MAX_N``) and threads them itself, so parts that large are
+    not split again; None: sparse products, never BLAS.
     """
     parts = min(numba.get_num_threads(), B // PART_ROWS)
     if parts < 2 or work < config.PARALLEL_MIN_WORK:
         return None
     rows = -(-B // (parts * PART_ROWS)) * PART_ROWS
-    if blas and rows > cpu_kernels.DENSE_ROWS_MAX_N:
+    if blas_above is not None and rows > blas_above:
         return None
     return np.minimum(np.arange(0, B + rows, rows, dtype=np.int64), B)

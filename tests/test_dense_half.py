@@ -122,7 +122,7 @@ def test_half_dense_saves_and_loads_exactly(tmp_path):
 def test_half_dense_shares_its_steps_between_threads(monkeypatch):
     """Batch parts and two-thread sequences read float16 dense weights too."""
     from numlstm import ops
-    monkeypatch.setattr(ops, "batch_parts", lambda B, work, blas: np.array([0, 8, B]))
+    monkeypatch.setattr(ops, "batch_parts", lambda B, work, blas_above: np.array([0, 8, B]))
     monkeypatch.setattr(config, "STEP_THREADS", "2")
     monkeypatch.setattr(config, "PAIR_SEQ_MIN_NS", 0)
     monkeypatch.setattr(config, "PAIR_SEQ_MIN_TOTAL_NS", 0)

@@ -13,6 +13,7 @@ from reference import sigmoid as reference_sigmoid
 import numlstm
 from numlstm import weights as W
 from numlstm.kernels import cpu as K
+from numlstm.kernels import vector_ir
 from numlstm.quantize import quantize_weight
 
 
@@ -223,8 +224,6 @@ def test_every_cpu_kernel_has_a_cuda_twin_with_its_arguments():
 def test_panel_products_fall_back_row_by_row_for_very_wide_inputs():
     """A panel's transposed copy of x lives on the stack, so inputs wider than
     PANEL_MAX_K go row by row instead; both paths must give the product."""
-    from numlstm.kernels import vector_ir
-
     rng = np.random.default_rng(3)
     for C in (vector_ir.PANEL_MAX_K, vector_ir.PANEL_MAX_K + 8):
         dense = rng.standard_normal((8, C)).astype(np.float32)
@@ -235,3 +234,36 @@ def test_panel_products_fall_back_row_by_row_for_very_wide_inputs():
             out = np.full((9, 8), np.nan, np.float32)
             K.matmul(out, x, *weight.kernel_args())
             np.testing.assert_allclose(out, x @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+def _sum_of_products(a, b):
+    total = np.float32(0)
+    for i in range(a.shape[0]):
+        total += a[i] * b[i]
+    return total
+
+
+def _wide_sum_of_products(a, b):
+    vector_ir.wide_vectors()  # the same loop, in this function (the attribute's scope)
+    total = np.float32(0)
+    for i in range(a.shape[0]):
+        total += a[i] * b[i]
+    return total
+
+
+def test_wide_vectors_reach_the_machine_code():
+    """``vector_ir.wide_vectors`` makes LLVM vectorise a function's loops
+    with 512-bit registers on an AVX-512 host (its tuning alone picks 256)
+    and changes nothing elsewhere; either way the result is the loop's."""
+    import re
+
+    opts = dict(fastmath=True, error_model="numpy")
+    wide = njit(**opts)(_wide_sum_of_products)
+    plain = njit(**opts)(_sum_of_products)
+    a = np.arange(1000, dtype=np.float32) / 1000
+    for fn in (wide, plain):
+        assert abs(fn(a, a) - np.dot(a.astype(np.float64), a)) < 1e-3
+    zmm = [re.search(r"\bv\w+ps\s[^\n]*%zmm", next(iter(fn.inspect_asm().values())))
+           for fn in (wide, plain)]
+    # With AVX-512 512-bit vectors; without, none exist to use.
+    assert (zmm[0] is not None) == (vector_ir.SELL_LANES == 16)

@@ -29,7 +29,7 @@ def _model(kind, L, H, P, D, cell, seed):
 def _run(m, x, lengths, dy, bounds, monkeypatch):
     """y, h_n, c_n, dx and every gradient, the recurrences split at ``bounds``
     (a function of B; None: one thread)."""
-    monkeypatch.setattr(ops, "batch_parts", lambda B, work, blas: bounds(B))
+    monkeypatch.setattr(ops, "batch_parts", lambda B, work, blas_above: bounds(B))
     m.zero_grad()
     y, (h, c) = m(x, lengths=lengths, training=True)
     dx, _ = m.backward(dy)
@@ -68,17 +68,20 @@ def test_batch_parts(monkeypatch):
     or dense parts large enough for BLAS's own threads."""
     monkeypatch.setattr(ops.numba, "get_num_threads", lambda: 2)
     big = config.PARALLEL_MIN_WORK
-    assert ops.batch_parts(16, big, False).tolist() == [0, 8, 16]
-    assert ops.batch_parts(32, big, False).tolist() == [0, 16, 32]
-    assert ops.batch_parts(20, big, False).tolist() == [0, 16, 20]
-    assert ops.batch_parts(16, big, True).tolist() == [0, 8, 16]
-    assert ops.batch_parts(32, big, True) is None  # 16-row parts: BLAS threads them
-    assert ops.batch_parts(15, big, False) is None  # not two whole panels
-    assert ops.batch_parts(16, big - 1, False) is None
+    assert ops.batch_parts(16, big).tolist() == [0, 8, 16]
+    assert ops.batch_parts(32, big).tolist() == [0, 16, 32]
+    assert ops.batch_parts(20, big).tolist() == [0, 16, 20]
+    # Dense: parts up to the rows BLAS is left (16 forward, 8 backward).
+    assert ops.batch_parts(16, big, 8).tolist() == [0, 8, 16]
+    assert ops.batch_parts(32, big, 16).tolist() == [0, 16, 32]  # _dense_rows each
+    assert ops.batch_parts(32, big, 8) is None  # 16-row parts: BLAS threads them
+    assert ops.batch_parts(48, big, 16) is None
+    assert ops.batch_parts(15, big) is None  # not two whole panels
+    assert ops.batch_parts(16, big - 1) is None
     monkeypatch.setattr(ops.numba, "get_num_threads", lambda: 4)
-    assert ops.batch_parts(32, big, False).tolist() == [0, 8, 16, 24, 32]
+    assert ops.batch_parts(32, big).tolist() == [0, 8, 16, 24, 32]
     monkeypatch.setattr(ops.numba, "get_num_threads", lambda: 1)
-    assert ops.batch_parts(32, big, False) is None
+    assert ops.batch_parts(32, big) is None
 
 
 @pytest.mark.parametrize("cell", [{}, {"peepholes": True}])

@@ -216,14 +216,15 @@ def bias_grad_acc(g_ih, g_hh, dz, v):
     g_hh += db
 
 
-def _parts(gates, w0, data):
+def _parts(gates, w0, data, blas_above):
     """``ops.batch_parts`` for a recurrence over ``gates`` (T, B, G) with W_hh
-    given as (w0, data, ...): dense (float w0, through BLAS above a few rows;
-    float16 bits, never), or sparse."""
+    given as (w0, data, ...): dense (float w0, through BLAS above
+    ``blas_above`` rows; float16 bits, never), or sparse."""
     dense = w0.shape[0] > 0 and data.size == 0
     stored = w0.size if dense else data.size
     blas = dense and w0.dtype.kind == "f"
-    return ops.batch_parts(gates.shape[1], gates.shape[0] * gates.shape[1] * stored, blas)
+    return ops.batch_parts(gates.shape[1], gates.shape[0] * gates.shape[1] * stored,
+                           blas_above if blas else None)
 
 
 def seq_forward(args, cell, two=False):
@@ -233,7 +234,7 @@ def seq_forward(args, cell, two=False):
     # (``Params.two_threads``) a batch-1 one shares each step by unit halves.
     if two and pair.forward_sequence(args, cell):
         return
-    bounds = _parts(args[2], args[8], args[9])
+    bounds = _parts(args[2], args[8], args[9], cpu_kernels.DENSE_ROWS_MAX_N)
     if bounds is None:
         cpu_kernels.lstm_seq_forward_packed(args, cell)
     else:
@@ -241,7 +242,11 @@ def seq_forward(args, cell, two=False):
 
 
 def seq_backward(args, cell):
-    bounds = _parts(args[2], args[11], args[12])
+    # The backward's dense products (with W, not W^T) go to BLAS at any
+    # size; parts of one panel call it per part (two threads, each BLAS call
+    # small), larger batches leave the threading to BLAS. Parts of 16 rows
+    # calling BLAS each measured 1.1-1.3x slower in case c (B=32, H=512).
+    bounds = _parts(args[2], args[11], args[12], ops.PART_ROWS)
     if bounds is None or (cell and cell[2].shape[0] > 0):  # peepholes: see the kernel
         cpu_kernels.lstm_seq_backward_packed(args, cell)
     else:

@@ -304,10 +304,13 @@ sparse_matmul, sparse_matmul_parallel = _variants(_sparse_matmul)
 
 # Per-step dense products x @ W^T with at most this many rows of x run in
 # ``_dense_rows``; BLAS (numba's, scipy's OpenBLAS) takes the larger ones.
-# Measured on a Xeon (Emerald Rapids) for a 1024x256 float32 W, quiet machine:
-# BLAS 18 / 82 / 72 / 77 / 96 us at N = 1 / 2 / 4 / 8 / 16 rows (two threads),
-# ``_dense_rows`` 17 / 28 / 31 / 62 / 119 us (one thread; 4x4 blocks from N = 4).
-DENSE_ROWS_MAX_N = 8
+# Measured on a Xeon (Emerald Rapids), float32, one process, best of 5:
+# W 1024x256: BLAS (two threads) 72 / 77 / 99 / 150 us at N = 4 / 8 / 16 / 32
+# rows, ``_dense_rows`` (one thread, 512-bit vectors) 46 / 51 / 95 / 183 us;
+# W 2048x512: BLAS 431 / 377 / 411 / 762 us, ``_dense_rows`` 169 / 247 / 414 /
+# 959 us. So up to 16 rows one thread matches BLAS's two, and a batch of 32
+# split over two threads (``ops.batch_parts``) takes half BLAS's time.
+DENSE_ROWS_MAX_N = 16
 
 
 @njit(**_OPTS)
@@ -322,6 +325,7 @@ def _dense_rows(out, x, w):
     vectorises along K, each weight and input vector loaded once for four
     multiply-adds; the last N % 4 rows of x take four dot products each.
     """
+    V.wide_vectors()
     R, Kw = w.shape
     N = x.shape[0]
     R4, N4 = R - R % 4, N - N % 4
@@ -470,6 +474,7 @@ def _sddmm_acc(gdata, dz_t, a_t, indices, indptr):
     SDDMM_CHUNK columns. Blocks of rows are split over threads, so no two
     threads write the same value.
     """
+    V.wide_vectors()
     R, N = indptr.shape[0] - 1, dz_t.shape[1]
     parts = min(R, _SDDMM_PARTS)
     zero = gdata.dtype.type(0)
@@ -493,6 +498,7 @@ def _bsr_sddmm_acc(gdata, dz_t, a_t, indices, indptr):
     """``_sddmm_acc`` for BSR: gdata (nblocks, br, bc) over the stored blocks,
     block row rb covering rows rb*br ... and block k columns indices[k]*bc ...
     Blocks of block rows are split over threads."""
+    V.wide_vectors()
     br, bc = gdata.shape[1], gdata.shape[2]
     RB, N = indptr.shape[0] - 1, dz_t.shape[1]
     parts = min(RB, _SDDMM_PARTS)
@@ -537,6 +543,7 @@ def _cell_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, u0, u1):
     c_out must not overlap c_prev: LLVM's runtime alias check would then fall
     back to scalar code, 4x slower.
     """
+    V.wide_vectors()
     H = act.shape[0] // 4
     _add_biases(act, rec, bias_ih, bias_hh, u0, u1)
     # Views from u0, indexed from 0: numba then emits no negative-index
@@ -579,6 +586,7 @@ def _cell_backward(act, dc, dr, c, c_prev):
     reaching c_{t-1} on exit; dr (H,) is the gradient reaching o*tanh(c_t);
     c, c_prev (H,) are c_t and c_{t-1}.
     """
+    V.wide_vectors()
     H = dc.shape[0]
     for j in range(H):
         i = act[j]
@@ -653,6 +661,7 @@ def _variant_forward(c_out, act, r_out, c_prev, rec, bias_ih, bias_hh, kinds, pa
     """``_cell_forward`` of a variant cell (``cell`` above): act (G,) holds
     x_t W_ih^T on entry and the raw pre-activations z_i, z_f, z_g, z_o (bias
     and peephole terms in, before the clip) on exit."""
+    V.wide_vectors()
     H = act.shape[0] // 4
     kf, kg, kh = kinds[0], kinds[1], kinds[2]
     af, bf, ag, bg, ah, bh, clip = (params[0], params[1], params[2], params[3], params[4],
@@ -685,6 +694,7 @@ def _variant_backward(act, dc, dr, c, c_prev, kinds, params, peep, dpeep):
     """``_cell_backward`` of a variant cell: act (G,) holds the raw
     pre-activations on entry and dz on exit; the peepholes' gradient is
     added to dpeep (3, H)."""
+    V.wide_vectors()
     H = dc.shape[0]
     kf, kg, kh = kinds[0], kinds[1], kinds[2]
     af, bf, ag, bg, ah, bh, clip = (params[0], params[1], params[2], params[3], params[4],
