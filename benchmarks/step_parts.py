@@ -322,14 +322,18 @@ def markdown(result):
               "## What the machine allows", "",
               f"- Streaming read of {b['bytes']:,} bytes (the dense step's weights) by one "
               f"core, from its L2: {b['l2_gbs']:.1f} GB/s (the same kernel from L1: "
-              f"{b['l1_gbs']:.1f} GB/s, so L2 is the limit)."]
+              f"{b['l1_gbs']:.1f} GB/s, "
+              + ("so L2 is the limit)." if b["l1_gbs"] > 1.15 * b["l2_gbs"] else
+                 "barely more: the kernel may be the limit, and the floors below then "
+                 "lower bounds only).")]
     if b["l2_two_gbs"]:
         lines += [f"- Both cores at once, each its half: {b['l2_two_gbs']:.1f} GB/s together.",
                   f"- A handoff from one core to the other and back: "
                   f"{b['round_trip_ns']:.0f} ns."]
     tr = result["torch"]
     if tr:
-        lines.append(f"- torch ({tr['threads']} threads): `nn.LSTMCell` step "
+        lines.append(f"- torch ({tr['threads']} threads, in this process after numlstm; the "
+                     f"suite times it in a process of its own): `nn.LSTMCell` step "
                      f"{tr['lstmcell_us']:.2f} µs, `nn.LSTM` sequence step (B=1) "
                      f"{tr['lstm_seq_us']:.2f} µs.")
     lines += ["", "## Floors under issue 12's batch-1 targets", "",
