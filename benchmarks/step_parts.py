@@ -324,8 +324,8 @@ def markdown(result):
               f"core, from its L2: {b['l2_gbs']:.1f} GB/s (the same kernel from L1: "
               f"{b['l1_gbs']:.1f} GB/s, "
               + ("so L2 is the limit)." if b["l1_gbs"] > 1.15 * b["l2_gbs"] else
-                 "barely more: the kernel may be the limit, and the floors below then "
-                 "lower bounds only).")]
+                 "not clearly more: the kernel may be the limit, and the machine's "
+                 "floors below then too high).")]
     if b["l2_two_gbs"]:
         lines += [f"- Both cores at once, each its half: {b['l2_two_gbs']:.1f} GB/s together.",
                   f"- A handoff from one core to the other and back: "
