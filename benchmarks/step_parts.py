@@ -221,8 +221,7 @@ def run(quick=False, out_dir=None, log=print, rounds=3):
     act = rng.standard_normal(4 * H).astype(np.float32)
     zeros = np.zeros(4 * H, np.float32)
     c_new, h, c = (np.zeros(H, np.float32) for _ in range(3))
-    cores = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else os.cpu_count() or 1, 2)
+    two_cores = (result["machine"]["usable_cores"] or 1) > 1
     rows, cells, bounds = {}, [], {}
     for k in range(rounds):
         for name, prune in models:
@@ -235,7 +234,7 @@ def run(quick=False, out_dir=None, log=print, rounds=3):
                            100_000, 3))
         nbytes = rows["dense"]["w_ih_bytes"] + rows["dense"]["w_hh_bytes"]
         rates = {"l1_gbs": read_rate(16 * 1024), "l2_gbs": read_rate(nbytes)}
-        if cores > 1:
+        if two_cores:
             rates["l2_two_gbs"] = read_rate(nbytes, 2)
         for key, value in rates.items():
             bounds[key] = max(bounds.get(key, 0.0), value)
@@ -243,7 +242,7 @@ def run(quick=False, out_dir=None, log=print, rounds=3):
             f"L2 {bounds['l2_gbs']:.1f} GB/s (best so far)")
     bounds["bytes"] = nbytes
     bounds.setdefault("l2_two_gbs", None)
-    bounds["round_trip_ns"] = round_trip_ns() if cores > 1 else None
+    bounds["round_trip_ns"] = round_trip_ns() if two_cores else None
     result.update(rows=list(rows.values()), cell_us=min(cells), bounds=bounds)
     result["torch"] = _torch_us(xs)  # last: torch's threads may linger after it
     result["files"] = write_results(NAME, result, out_dir, markdown)

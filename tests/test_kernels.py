@@ -236,34 +236,43 @@ def test_panel_products_fall_back_row_by_row_for_very_wide_inputs():
             np.testing.assert_allclose(out, x @ dense.T, rtol=1e-4, atol=1e-4)
 
 
-def _sum_of_products(a, b):
-    total = np.float32(0)
-    for i in range(a.shape[0]):
-        total += a[i] * b[i]
-    return total
-
-
 def _wide_sum_of_products(a, b):
-    vector_ir.wide_vectors()  # the same loop, in this function (the attribute's scope)
+    vector_ir.wide_vectors()  # the attribute's scope: this function's loops
     total = np.float32(0)
     for i in range(a.shape[0]):
         total += a[i] * b[i]
     return total
+
+
+def _has_zmm(fn):
+    import re
+
+    return re.search(r"\bv\w+ps\s[^\n]*%zmm", next(iter(fn.inspect_asm().values()))) is not None
 
 
 def test_wide_vectors_reach_the_machine_code():
     """``vector_ir.wide_vectors`` makes LLVM vectorise a function's loops
     with 512-bit registers on an AVX-512 host (its tuning alone picks 256)
-    and changes nothing elsewhere; either way the result is the loop's."""
-    import re
-
+    and changes nothing elsewhere; the result is the loop's. The kernels
+    that rely on it are compiled here afresh from their source (cached code
+    cannot be inspected), so a kernel that stops calling it fails too."""
+    avx512 = vector_ir.SELL_LANES == 16
     opts = dict(fastmath=True, error_model="numpy")
     wide = njit(**opts)(_wide_sum_of_products)
-    plain = njit(**opts)(_sum_of_products)
     a = np.arange(1000, dtype=np.float32) / 1000
-    for fn in (wide, plain):
-        assert abs(fn(a, a) - np.dot(a.astype(np.float64), a)) < 1e-3
-    zmm = [re.search(r"\bv\w+ps\s[^\n]*%zmm", next(iter(fn.inspect_asm().values())))
-           for fn in (wide, plain)]
-    # With AVX-512 512-bit vectors; without, none exist to use.
-    assert (zmm[0] is not None) == (vector_ir.SELL_LANES == 16)
+    assert abs(wide(a, a) - np.dot(a.astype(np.float64), a)) < 1e-3
+    assert _has_zmm(wide) == avx512  # without AVX-512 there are none to use
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((8, 256), np.float32), rng.standard_normal((64, 256), np.float32)
+    rows = njit(**opts)(K._dense_rows.py_func)
+    out = np.empty((8, 64), np.float32)
+    rows(out, x, w)
+    np.testing.assert_allclose(out, x @ w.T, rtol=1e-4, atol=1e-4)
+    H = 64
+    act, rec = rng.standard_normal(4 * H, np.float32), np.zeros(4 * H, np.float32)
+    c_out, r_out, c_prev = (np.zeros(H, np.float32) for _ in range(3))
+    cell = njit(**opts)(K._cell_forward.py_func)
+    cell(c_out, act, r_out, c_prev, rec, rec, rec, 0, H)
+    assert np.all(np.abs(r_out) < 1) and np.any(r_out != 0)
+    assert _has_zmm(rows) == avx512 and _has_zmm(cell) == avx512
