@@ -11,8 +11,11 @@ finds none free runs its steps alone, as it does whenever its worker is
 late. docs/design.md, Two cores at batch 1.
 """
 
+import atexit
+import logging
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -21,6 +24,8 @@ from numba import int64, typeof
 from numlstm import config, layouts
 from numlstm.kernels import pair as kernels
 from numlstm.weights import BSR, CSR, Dense
+
+log = logging.getLogger("numlstm")
 
 # The worker's wait before it leaves: spins of ``pause`` (~40 ns each on a
 # current x86 core, so ~2 ms), then ``sched_yield`` calls (~8 ms on an idle
@@ -129,16 +134,140 @@ def worth_two_seq(weight, H, P, T, B):
     return cost >= config.PAIR_SEQ_MIN_NS and T * cost >= config.PAIR_SEQ_MIN_TOTAL_NS
 
 
+# ----------------------------------------------------------------------------
+# Compiling the two-thread kernels off the caller's path
+# ----------------------------------------------------------------------------
+# A two-thread kernel for a new type takes seconds to compile (the stream
+# step of a dense H=256 model: ~11 s on a 2-core Zen 3), several times what
+# the one-thread step takes. So unless it is compiled already (in this
+# process, or ``config.PAIR_COMPILE == "now"``), a stream or sequence that
+# would use two threads runs on one, and a background thread compiles the
+# two-thread kernels for that type (loaded from the kernel cache when warm)
+# once the process has lived ``config.PAIR_COMPILE_DELAY`` seconds more: a
+# short script never pays for them. When they are ready, each waiting stream
+# is told to rebind (``Stream._bind``), and takes two threads from its next
+# step. At exit, a compile under way is waited for (an LLVM call still
+# running on another thread while the process tears down is not safe); one
+# not yet started is not started.
+
+_AHEAD_LOCK = threading.Lock()
+_AHEAD = {}  # type key -> [waiting callbacks] while pending; None once compiled
+_EXITING = threading.Event()
+_RUNNING = []  # compile threads past the delay, joined at exit
+
+
+def _ahead(key, build, notify=None):
+    """Whether the two-thread kernels of type ``key`` are compiled.
+
+    True when they are; with ``config.PAIR_COMPILE == "now"`` they are
+    compiled here first (``build()``). Otherwise False, and a background
+    thread runs ``build()`` (once per key) after ``config.PAIR_COMPILE_DELAY``
+    seconds, then calls ``notify()`` (and every other waiter's).
+    """
+    if config.PAIR_COMPILE not in ("now", "background"):
+        raise ValueError("config.PAIR_COMPILE (NUMLSTM_PAIR_COMPILE) must be 'now' or "
+                         f"'background', got {config.PAIR_COMPILE!r}")
+    with _AHEAD_LOCK:
+        entry = _AHEAD.get(key, ())
+        if entry is None:
+            return True
+        if config.PAIR_COMPILE == "now":
+            pass  # compiled below, on this thread
+        elif entry == ():
+            _AHEAD[key] = [notify] if notify else []
+            threading.Thread(target=_compile_ahead, args=(key, build),
+                             name="numlstm-compile", daemon=True).start()
+            return False
+        else:
+            if notify:
+                entry.append(notify)
+            return False
+    build()
+    _done(key)
+    return True
+
+
+def _compile_ahead(key, build):
+    if _EXITING.wait(config.PAIR_COMPILE_DELAY):
+        return
+    with _AHEAD_LOCK:
+        if _EXITING.is_set():
+            return
+        _RUNNING.append(threading.current_thread())
+    t0 = time.perf_counter()
+    try:
+        build()
+    except Exception:  # the one-thread path keeps serving; say why once
+        log.warning("numlstm: compiling the two-thread kernels failed; streams and "
+                    "sequences stay on one thread", exc_info=True)
+        return
+    log.info("two-thread kernels ready after %.1f s (compiled in the background)",
+             time.perf_counter() - t0)
+    _done(key)
+
+
+def _done(key):
+    with _AHEAD_LOCK:
+        waiting = _AHEAD.get(key) or []
+        _AHEAD[key] = None
+    for notify in waiting:
+        notify()
+
+
+@atexit.register
+def _join_compiles():
+    _EXITING.set()
+    with _AHEAD_LOCK:
+        running = list(_RUNNING)
+    for t in running:
+        t.join()
+
+
+def _stream_key(layers):
+    """The type of a stream's bound layers: its two-thread kernels' key."""
+    return ("step", typeof(tuple(layers)))
+
+
+def stream_ready(layers, hprev, stream):
+    """Whether ``stream`` (its bound ``layers``) may step on two threads now:
+    its kernels compiled (see ``_ahead``); if not, they are compiled in the
+    background and the stream is told to rebind when they are ready."""
+    ref = weakref.ref(stream)
+
+    def build():
+        plan = kernels.make_pair_plan(tuple(layers), kernels.new_sync(), hprev)
+        kernels.compiled_pair_step(plan)
+        _compile_serve(plan)
+
+    def notify():
+        s = ref()
+        if s is not None:
+            s._rebind_soon()
+    return _ahead(_stream_key(layers), build, notify)
+
+
 def forward_sequence(args, cell):
     """``cpu.lstm_seq_forward(*args, cell)`` at B = 1 on this thread and a
     worker (started here, stopped at the end); False (nothing done) when no
-    worker slot is free, and the caller runs it alone."""
+    worker slot is free or the two-thread kernels are not compiled yet (then
+    they are compiled in the background: ``_ahead``), and the caller runs it
+    alone."""
+    seq = tuple(args) + (cell,)
+
+    def build():
+        plan = kernels.make_seq_plan(seq, kernels.new_sync())
+        key = (typeof(plan),)
+        if key not in kernels.pair_seq_forward.overloads:
+            kernels.pair_seq_forward.compile(key)
+        _compile_serve(plan)
+    if not _ahead(("seq", typeof(seq)), build):
+        return False
     slots = _take_slot()
     if slots is None:
         return False
     try:
         sync = kernels.new_sync()
-        plan = kernels.make_seq_plan(tuple(args) + (cell,), sync)
+        plan = kernels.make_seq_plan(seq, sync)
         _compile_serve(plan)
         sync[kernels.STATE] = kernels.RUNNING
         worker = threading.Thread(target=_serve, args=(plan, sync, slots),

@@ -79,7 +79,9 @@ class Stream:
         unboxes no array (no NRT allocation, and no dispatcher typing the
         argument each step). Sparse weights bind their per-step execution
         layout (batch below ``config.STEP_MAX_B``; see ``numlstm.layouts``).
-        A batch-1 step large enough runs on two threads (``numlstm.pair``).
+        A batch-1 step large enough runs on two threads (``numlstm.pair``),
+        from the first step after their kernels are compiled (in the
+        background: ``numlstm.pair.stream_ready``).
         """
         m = self.model
         if m.engine.be is not self._be:
@@ -91,12 +93,19 @@ class Stream:
         if self._pair is not None:
             self._pair.stop()
             self._pair = None
-        if self._host and pair.worth_two(m, self.batch_size):
+        self._version = m.version
+        if (self._host and pair.worth_two(m, self.batch_size)
+                and pair.stream_ready(layers, self._hprev, self)):
             self._pair = pair.Pair(layers, self._hprev, self)
             self._run, self._plan = self._pair.run, self._pair.plan
-        else:
+        else:  # one thread (until the two-thread kernels are compiled, if they are to be)
             self._run, self._plan = self._be.step_plan(layers)
-        self._version = m.version
+
+    def _rebind_soon(self):
+        """Rebind at the next step (the two-thread kernels are ready); called
+        from the thread that compiled them: one attribute store, which the
+        step's version check reads."""
+        self._version = None
 
     def reset(self, state=None):
         """Set the state to ``state`` (h (L, B, O), c (L, B, H)), or to zeros."""

@@ -12,3 +12,9 @@ settings.register_profile(
     "dev", deadline=None, max_examples=200,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Two-thread kernels compile on the caller's thread at the first step that
+# wants them, so that a test sees the threads its settings ask for from its
+# first step (the library's default compiles them in the background:
+# tests/test_compile.py tests that).
+os.environ.setdefault("NUMLSTM_PAIR_COMPILE", "now")

@@ -26,6 +26,17 @@ Precedence, first match wins:
 2. the per-user folder above, when it can be created and written;
 3. numba's own chain (``__pycache__`` if writable, then numba's per-user folder).
 
+4. when none of those can be written (a read-only file system), the
+   per-user folder all the same, read only: kernels found there load, new
+   ones compile uncached.
+
+The cache never breaks a call (``_guard``): an entry that cannot be read
+(a truncated or foreign file) is compiled afresh, a corrupt index is
+replaced, and a write that fails (a full disk, a file-size limit, a
+read-only folder) leaves the kernel compiled in memory, with one
+``RuntimeWarning`` per process saying why; this process then stops writing,
+and the next one tries again.
+
 ``NUMLSTM_NO_CACHE=1`` (``numlstm.config.CACHE``) turns caching off altogether;
 ``NUMBA_CACHE_LOCATOR_CLASSES`` (numba >= 0.68), when set, replaces numba's
 whole list and so this locator too.
@@ -38,6 +49,7 @@ inside this package. It must run before the first kernel is decorated:
 """
 
 import os
+import pickle
 import sys
 
 from numba.core import caching
@@ -119,12 +131,90 @@ class PerUserCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheL
         return super().from_function(py_func, py_file)
 
 
+class ReadOnlyCacheLocator(PerUserCacheLocator):
+    """The last resort for numlstm's files when no folder can be written:
+    the per-user folder, not checked for writing (saves fail, and ``_guard``
+    turns that into one warning)."""
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not _in_package(py_file):
+            return None
+        return cls(py_func, py_file)
+
+
+_WARNED = False  # one warning per process about the cache
+_WRITES_OFF = False  # a write failed: this process stops writing
+
+
+def _ours(cache):
+    return isinstance(getattr(cache._impl, "locator", None), PerUserCacheLocator)
+
+
+def _warn_once(what, cache, exc):
+    global _WARNED
+    if _WARNED:
+        return
+    _WARNED = True
+    import warnings
+
+    warnings.warn(f"numlstm: could not {what} the kernel cache in {cache.cache_path} "
+                  f"({type(exc).__name__}: {exc}); kernels compile and run uncached "
+                  "in this process", RuntimeWarning, stacklevel=4)
+
+
+def _guard():
+    """Wrap numba's ``Cache.load_overload`` / ``save_overload`` so that for
+    numlstm's kernels a cache that cannot be read or written costs a compile,
+    never a call. Other functions' caches are left to numba as they are."""
+    load, save = caching.Cache.load_overload, caching.Cache.save_overload
+    if getattr(load, "_numlstm_guard", False):
+        return
+
+    def load_overload(self, sig, target_context):
+        if not _ours(self):
+            return load(self, sig, target_context)
+        try:
+            return load(self, sig, target_context)
+        except Exception as exc:  # truncated, foreign or unreadable: compile instead
+            _warn_once("read", self, exc)
+            return None
+
+    def save_overload(self, sig, data):
+        global _WRITES_OFF
+        if not _ours(self):
+            return save(self, sig, data)
+        if _WRITES_OFF:
+            return None
+        for attempt in (0, 1):
+            try:
+                return save(self, sig, data)
+            except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+                    AttributeError, ImportError) as exc:
+                if attempt == 0 and not isinstance(exc, OSError):
+                    # A corrupt index (saving reads it first): replace it.
+                    try:
+                        os.unlink(self._cache_file._index_path)
+                        continue
+                    except OSError:
+                        pass
+                _WRITES_OFF = True
+                _warn_once("write", self, exc)
+                return None
+
+    load_overload._numlstm_guard = True
+    caching.Cache.load_overload = load_overload
+    caching.Cache.save_overload = save_overload
+
+
 def _register():
     impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
     classes = impl._locator_classes
     if not any(c.__name__ == PerUserCacheLocator.__name__ and c.__module__ == __name__
                for c in classes):
         classes.insert(0, PerUserCacheLocator)
+        classes.append(ReadOnlyCacheLocator)
+    _guard()
 
 
 _register()
