@@ -6,6 +6,7 @@ truncated), and allocation-free streaming inference.
 """
 
 from numlstm import layers, losses, optim, prune, quantize
+from numlstm.ahead import compile
 from numlstm.io import ModelFileError, load, save
 from numlstm.lstm import LSTM
 from numlstm.memory import memory_report
@@ -14,6 +15,6 @@ from numlstm.stream import Stream
 from numlstm.tbptt import truncated_bptt
 from numlstm.train import fit
 
-__all__ = ["LSTM", "ModelFileError", "Stream", "fit", "layers", "load", "losses",
+__all__ = ["LSTM", "ModelFileError", "Stream", "compile", "fit", "layers", "load", "losses",
            "memory_report", "optim", "prune", "quantize", "save", "StreamPool", "truncated_bptt"]
 __version__ = "0.1.0"

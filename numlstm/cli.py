@@ -12,6 +12,10 @@ Subcommands:
     Magnitude pruning (``--scope``), or whole blocks into BSR (``--block``).
 ``quantize MODEL --dtype int8 -o OUT``
     Compact indices, and float16 or int8 values, for inference.
+``compile MODEL [--batch N ...] [--seq-len T ...] [--training] [--pool]``
+    Compile (into the kernel cache) every kernel the model's streams,
+    forwards, pools and training steps of those shapes use: a container image
+    runs it at build time so that its processes start warm.
 ``convert SRC -o OUT``
     An ONNX file (its LSTM nodes) or a saved torch ``nn.LSTM`` / ``LSTMCell``
     state dict (``torch.save(module.state_dict(), "x.pt")``) to a model file.
@@ -29,6 +33,7 @@ import os
 import re
 import stat
 import sys
+import time
 
 
 def _positive_float(text):
@@ -124,6 +129,25 @@ def build_parser():
     quant.add_argument("-o", "--output", required=True,
                        help="where to save the quantized model")
 
+    comp = sub.add_parser(
+        "compile", help="compile a model's kernels into the kernel cache",
+        description="Compile every kernel that a saved model's streams, forwards, pools and "
+                    "training steps of the given shapes use, and write them to the kernel "
+                    "cache, so that later processes start without compiling (a container "
+                    "image: RUN numlstm compile model.npz).")
+    comp.add_argument("model", help="a model file written by numlstm.save")
+    comp.add_argument("--batch", type=_positive_int, nargs="+", default=[1], metavar="N",
+                      help="batch sizes to prepare (default 1)")
+    comp.add_argument("--seq-len", type=_positive_int, nargs="+", default=[10, 1000],
+                      metavar="T", help="sequence lengths of forward and training calls "
+                                        "(default 10 1000)")
+    comp.add_argument("--training", action="store_true",
+                      help="also a training step (forward with training, backward)")
+    comp.add_argument("--pool", action="store_true",
+                      help="also a StreamPool stepping the largest batch")
+    comp.add_argument("--no-stream", action="store_true", help="skip stream steps")
+    comp.add_argument("--no-forward", action="store_true", help="skip inference forwards")
+
     conv = sub.add_parser("convert", help="an ONNX file or a torch state dict to a model file",
                           description="Convert an ONNX model's LSTM nodes (.onnx) or a torch "
                                       "nn.LSTM / nn.LSTMCell state dict saved with torch.save "
@@ -144,7 +168,7 @@ def main(argv=None):
         return _demo(args)
     try:
         return {"info": _info, "prune": _prune, "quantize": _quantize,
-                "convert": _convert}[args.command](args)
+                "convert": _convert, "compile": _compile}[args.command](args)
     except KeyboardInterrupt:
         print(f"numlstm {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -318,6 +342,49 @@ def _from_torch(source, dtype, batch_first):
         return convert.from_torch(state, dtype=dtype, batch_first=batch_first)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{source!r}: {_one_line(e)}") from None
+
+
+def _compile(args):
+    import numlstm
+
+    model = numlstm.load(args.model)
+    if args.training and not all(w.trainable for w in model.weights().values()):
+        raise ValueError(f"{args.model!r}: --training, but its weights are for inference only "
+                         "(quantized); drop --training")
+    t0 = time.perf_counter()
+    with _compile_log():
+        times = numlstm.compile(model, args.batch, seq_lens=args.seq_len,
+                                stream=not args.no_stream, forward=not args.no_forward,
+                                pool=args.pool, training=args.training)
+    folder = times.pop("cache")
+    for name, seconds in times.items():
+        print(f"{name:<28}{seconds:8.2f} s")
+    print(f"{len(times)} calls ready in {time.perf_counter() - t0:.1f} s; kernels cached in "
+          f"{folder}")
+    return 0
+
+
+def _compile_log():
+    """Show the ``numlstm`` logger's INFO lines (what is compiling) on stderr
+    for the duration of a command."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def shown():
+        logger = logging.getLogger("numlstm")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("numlstm: %(message)s"))
+        level = logger.level
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    return shown()
 
 
 def _demo(args):

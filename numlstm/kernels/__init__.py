@@ -6,3 +6,4 @@ inside the installed package (see its docstring and docs/design.md).
 """
 
 from numlstm.kernels import cache as _cache  # noqa: F401
+from numlstm.kernels import compile_log as _compile_log  # noqa: F401

@@ -73,6 +73,12 @@ def cache_root():
     return os.path.join(base, "numlstm")
 
 
+def cache_folder():
+    """The folder numlstm's kernels are cached under now: ``NUMBA_CACHE_DIR``
+    when set, else :func:`cache_root`."""
+    return _numba_config.CACHE_DIR or cache_root()
+
+
 def _kernel_sources_stamp():
     """SHA-256 of every source file a kernel may compile in (``kernels/*.py``,
     ``config.py``) and of the config switches read from the environment."""
