@@ -29,6 +29,7 @@ error (set ``NUMLSTM_TRACEBACK=1`` to see its traceback when reporting it).
 """
 
 import argparse
+import contextlib
 import os
 import re
 import stat
@@ -367,7 +368,6 @@ def _compile(args):
 def _compile_log():
     """Show the ``numlstm`` logger's INFO lines (what is compiling) on stderr
     for the duration of a command."""
-    import contextlib
     import logging
 
     @contextlib.contextmanager
@@ -390,8 +390,9 @@ def _compile_log():
 def _demo(args):
     from numlstm.demo import format_report, run_demo
 
-    res = run_demo(seconds=args.seconds, steps=args.steps, hidden=args.hidden,
-                   seed=args.seed, quiet=args.quiet, log=lambda *a: print(*a, flush=True))
+    with contextlib.nullcontext() if args.quiet else _compile_log():
+        res = run_demo(seconds=args.seconds, steps=args.steps, hidden=args.hidden,
+                       seed=args.seed, quiet=args.quiet, log=lambda *a: print(*a, flush=True))
     if not args.quiet:
         print()
     print(format_report(res))

@@ -74,12 +74,13 @@ STEP_THREADS = os.environ.get("NUMLSTM_STEP_THREADS", "auto")
 PAIR_MIN_NS = 20_000
 # When the two-thread kernels of a stream or sequence type are compiled
 # (NUMLSTM_PAIR_COMPILE): "background" (a stream or sequence runs on one
-# thread until a background thread, started PAIR_COMPILE_DELAY seconds after
-# it was first wanted, has compiled them: ~11 s on a 2-core Zen 3 for a dense
-# H=256 stream, a cache load when the kernel cache is warm), or "now" (at the
-# first step, on the caller's thread, as ``numlstm.compile`` does).
+# thread until a background thread has compiled them, which it starts once
+# the process has compiled nothing for PAIR_COMPILE_DELAY seconds: ~11 s on a
+# 2-core Zen 3 for a dense H=256 stream, a cache load when the kernel cache
+# is warm; an exit waits for a compile under way), or "now" (at the first
+# step, on the caller's thread, as ``numlstm.compile`` does).
 PAIR_COMPILE = os.environ.get("NUMLSTM_PAIR_COMPILE", "background")
-PAIR_COMPILE_DELAY = 1.0
+PAIR_COMPILE_DELAY = 2.0
 # A whole-sequence forward at B = 1 shares each time step between two threads
 # (numlstm.pair.worth_two_seq) when W_hh's product is estimated (STEP_COSTS)
 # at PAIR_SEQ_MIN_NS or more and the whole sequence's at PAIR_SEQ_MIN_TOTAL_NS

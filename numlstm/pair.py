@@ -22,6 +22,7 @@ import numpy as np
 from numba import int64, typeof
 
 from numlstm import config, layouts
+from numlstm.kernels import compile_log
 from numlstm.kernels import pair as kernels
 from numlstm.weights import BSR, CSR, Dense
 
@@ -143,8 +144,9 @@ def worth_two_seq(weight, H, P, T, B):
 # process, or ``config.PAIR_COMPILE == "now"``), a stream or sequence that
 # would use two threads runs on one, and a background thread compiles the
 # two-thread kernels for that type (loaded from the kernel cache when warm)
-# once the process has lived ``config.PAIR_COMPILE_DELAY`` seconds more: a
-# short script never pays for them. When they are ready, each waiting stream
+# once the process has compiled nothing for ``config.PAIR_COMPILE_DELAY``
+# seconds: a short script never pays for them, and the first calls of others
+# are not held up behind them. When they are ready, each waiting stream
 # is told to rebind (``Stream._bind``), and takes two threads from its next
 # step. At exit, a compile under way is waited for (an LLVM call still
 # running on another thread while the process tears down is not safe); one
@@ -188,8 +190,12 @@ def _ahead(key, build, notify=None):
 
 
 def _compile_ahead(key, build):
-    if _EXITING.wait(config.PAIR_COMPILE_DELAY):
-        return
+    # Wait for a pause in the process's own compiling: the compiler holds one
+    # lock, and a first forward or training step compiled meanwhile would
+    # wait the seconds this takes.
+    while (quiet := compile_log.quiet_for()) < config.PAIR_COMPILE_DELAY:
+        if _EXITING.wait(config.PAIR_COMPILE_DELAY - quiet):
+            return
     with _AHEAD_LOCK:
         if _EXITING.is_set():
             return

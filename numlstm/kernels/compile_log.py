@@ -13,7 +13,6 @@ the demo show these lines on stderr.
 """
 
 import logging
-import os
 import threading
 import time
 
@@ -23,8 +22,24 @@ from numba.core import types as nbtypes
 log = logging.getLogger("numlstm")
 log.addHandler(logging.NullHandler())
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 _local = threading.local()
+# Compiles under way in the process (any thread, any package's) and when the
+# last one began or ended (time.monotonic()): ``quiet_for`` tells how long
+# the process has compiled nothing (numlstm.pair waits for such a pause).
+_busy = [0, time.monotonic()]
+_busy_lock = threading.Lock()
+
+
+def quiet_for():
+    """Seconds since the process last compiled anything (0 while it compiles)."""
+    with _busy_lock:
+        return 0.0 if _busy[0] else time.monotonic() - _busy[1]
+
+
+def _activity(delta):
+    with _busy_lock:
+        _busy[0] += delta
+        _busy[1] = time.monotonic()
 
 
 def _ours(dispatcher):
@@ -51,6 +66,7 @@ def _value_kinds(args):
 
 class _Listener(event.Listener):
     def on_start(self, ev):
+        _activity(1)
         depth = getattr(_local, "depth", 0)
         _local.depth = depth + 1
         d = ev.data["dispatcher"]
@@ -62,6 +78,7 @@ class _Listener(event.Listener):
                      _value_kinds(ev.data.get("args", ())), cache.cache_folder())
 
     def on_end(self, ev):
+        _activity(-1)
         _local.depth = depth = getattr(_local, "depth", 1) - 1
         d = ev.data["dispatcher"]
         if depth == 0 and _ours(d) and log.isEnabledFor(logging.INFO) \
