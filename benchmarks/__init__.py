@@ -9,4 +9,5 @@ live in ``benchmarks.common``. Nothing is imported here, so that
 worker processes (``python -m benchmarks.<name> --worker ...``) start light.
 """
 
-BENCHMARKS = ("first", "memory", "pair", "pool", "pruning", "soak", "step_parts", "suite")
+BENCHMARKS = ("coldstart", "first", "memory", "pair", "pool", "pruning", "soak", "step_parts",
+              "suite")

@@ -81,7 +81,13 @@ def machine_info():
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                       "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
            if k in os.environ}
-    return {"cpu": cpu, "isa": isa_info(), "logical_cores": os.cpu_count(),
+    try:
+        from numlstm import layouts
+
+        l2 = layouts._l2_bytes()
+    except ImportError:
+        l2 = None
+    return {"cpu": cpu, "isa": isa_info(), "l2_bytes": l2, "logical_cores": os.cpu_count(),
             "usable_cores": usable,
             "platform": platform.platform(), "python": platform.python_version(),
             "versions": {d: _version(d) for d in ("numlstm", "numpy", "scipy", "numba",
@@ -112,7 +118,8 @@ def machine_markdown(m, threads):
     ``load_average_at_end`` a run adds); ``threads`` states the thread settings."""
     lines = ["## Machine", "",
              f"- CPU: {m['cpu']}, {m['logical_cores']} logical cores "
-             f"({m['usable_cores']} usable)",
+             f"({m['usable_cores']} usable)"
+             + (f", L2 {m['l2_bytes'] // 1024} KiB per core" if m.get("l2_bytes") else ""),
              f"- {m['platform']}, Python {m['python']}"]
     isa = m.get("isa")
     if isa:

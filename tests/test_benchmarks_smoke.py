@@ -335,3 +335,16 @@ def test_quick_suite_bytes_cold_start_and_scaling(suite):
     assert all(c["max_abs_diff"] < 1e-4 for c in agreed), agreed
     assert set(g["crossover"]) == {"numlstm-csr", "numlstm-bsr"}
     assert "**As H grows**" in md and "**As sparsity grows**" in md
+
+
+def test_quick_coldstart_benchmark_writes_expected_entries(quick_run):
+    with open(quick_run / "coldstart.json") as f:
+        res = json.load(f)
+    md = (quick_run / "coldstart.md").read_text()
+    assert md.startswith("# Cold start") and "L2" in md
+    assert set(res["runs"]) == {"cold", "warm", "after ahead"}
+    for label, run in res["runs"].items():
+        assert set(run["marks"]) == set(res["stages"]), label
+        for wall, cpu in run["marks"].values():
+            assert wall >= 0 and cpu >= 0, label
+    assert res["runs"]["cold"]["top"]  # an empty cache: something compiled
