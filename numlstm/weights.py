@@ -26,6 +26,16 @@ from numlstm import layouts
 from numlstm.kernels import cpu as cpu_kernels
 
 _NO_INDEX = np.zeros(0, dtype=np.int32)  # the unused index slots of a dense weight
+
+
+def _no_dense(dtype):
+    """The ``w0`` slot of a sparse weight: an empty (0, 0) array, read-only.
+    Read-only is its type to numba (a dense weight's matrix is writeable), so
+    a kernel compiled for a sparse kind holds no dense code, and for a dense
+    kind no sparse code (docs/design.md, Storage kinds by type)."""
+    a = np.zeros((0, 0), dtype)
+    a.flags.writeable = False
+    return a
 _STEP_LOCK = threading.Lock()  # held while a CSR weight builds its execution layout
 QUANTIZED_TYPES = ("float16", "int8")
 
@@ -119,6 +129,8 @@ class Dense(_Weight):
     index_type = None
 
     def __init__(self, array, dtype=None):
+        if not array.flags.writeable:  # writeable is what tells the kernels it is dense
+            array = array.copy()
         self.array = array  # (R, K)
         self.shape = array.shape
         self.dtype = np.dtype(dtype if dtype is not None else array.dtype)
@@ -181,7 +193,7 @@ class CSR(_Weight):
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype if dtype is not None else data.dtype)
         self.scales = scales  # (R,) float16 for int8 values, else None
-        self._no_dense = np.zeros((0, 0), self.dtype)
+        self._no_dense = _no_dense(self.dtype)
         self._transposed = None  # (data_t, indices_t, indptr_t, perm), built lazily
         self._bind()
 
@@ -378,7 +390,7 @@ class BSR(_Weight):
         self.shape = tuple(shape)
         self.dtype = data.dtype
         self.blocksize = data.shape[1:]
-        self._no_dense = np.zeros((0, 0), data.dtype)
+        self._no_dense = _no_dense(data.dtype)
         self._transposed = None
 
     @property

@@ -409,19 +409,17 @@ def _product_overload(out, x, w0, data, indices, indptr, transposed):
             and isinstance(data.dtype, nbtypes.Float):
         # The float16 dense kind (inference only: never transposed).
         return lambda out, x, w0, data, indices, indptr, transposed: _half_rows(out, x, w0)
-    if data.ndim == 1 and isinstance(data.dtype, nbtypes.Float):
-        # Dense, or float CSR (which passes an empty w0): decided at run time.
-        def dense_or_csr(out, x, w0, data, indices, indptr, transposed):
-            if w0.shape[0] > 0 and not transposed and x.shape[0] <= DENSE_ROWS_MAX_N:
+    if w0.mutable and data.ndim == 1 and isinstance(data.dtype, nbtypes.Float):
+        # Dense (a sparse kind's w0 is read-only: weights._no_dense).
+        def dense(out, x, w0, data, indices, indptr, transposed):
+            if not transposed and x.shape[0] <= DENSE_ROWS_MAX_N:
                 _dense_rows(out, x, w0)
-            elif w0.shape[0] > 0 and transposed:
+            elif transposed:
                 np.dot(x, w0, out)
-            elif w0.shape[0] > 0:
-                np.dot(x, w0.T, out)  # (w0.T is F-ordered: one branch per layout for BLAS)
             else:
-                sparse_matmul(out, x, w0, data, indices, indptr)
-        return dense_or_csr
-    # BSR, float16 and int8 kinds: sparse by type (their w0 is no matrix).
+                np.dot(x, w0.T, out)  # (w0.T is F-ordered: one branch per layout for BLAS)
+        return dense
+    # CSR, BSR, float16 and int8 kinds: sparse by type.
     return lambda out, x, w0, data, indices, indptr, transposed: \
         sparse_matmul(out, x, w0, data, indices, indptr)
 

@@ -89,7 +89,7 @@ def _part_product_overload(on, xn, w0, data, indices, indptr, part):
                         on[r] *= _half_to_float(w0[r, 0])
         return sell
 
-    dense = data.ndim == 1 and isinstance(data.dtype, nbtypes.Float)
+    dense = w0.mutable and data.ndim == 1 and isinstance(data.dtype, nbtypes.Float)
 
     def ranges(on, xn, w0, data, indices, indptr, part):
         R, K = on.shape[0], xn.shape[0]
@@ -97,7 +97,7 @@ def _part_product_overload(on, xn, w0, data, indices, indptr, part):
         for g in range(4):
             r0 = g * Q + part * (Q // 2)
             r1 = r0 + Q // 2
-            if dense and w0.shape[0] > 0:
+            if dense:
                 _dense_rows(on.reshape((1, R))[:, r0:r1], xn.reshape((1, K)), w0[r0:r1])
             elif data.ndim == 3:  # BSR: block rows of br rows
                 br = data.shape[1]
