@@ -84,17 +84,17 @@ def compile(model, batch_sizes=(1,), *, seq_lens=(10, 1000), stream=True, forwar
     times = {}
 
     def timed(name, call):
-        # Twice: on one thread (what a call runs until the two-thread kernels
-        # are ready: numlstm.pair), then as configured, the two-thread kernels
+        # Twice: on one thread, as a call runs until its two-thread kernels
+        # are ready ("off": numlstm.pair), then with the two-thread kernels
         # compiled here where the call would use them.
         t0 = time.perf_counter()
-        for threads, when in (("1", "now"), (saved[0], "now")):
-            config.STEP_THREADS, config.PAIR_COMPILE = threads, when
+        for when in ("off", "now"):
+            config.PAIR_COMPILE = when
             call()
         times[name] = time.perf_counter() - t0
         log.debug("compile: %s ready in %.1f s", name, times[name])
 
-    saved = config.STEP_THREADS, config.PAIR_COMPILE
+    saved = config.PAIR_COMPILE
     try:
         for B in sizes:
             if streams:
@@ -114,7 +114,7 @@ def compile(model, batch_sizes=(1,), *, seq_lens=(10, 1000), stream=True, forwar
                 p.step(ids, np.zeros((B, I), dtype))
             timed(f"pool B={B}", pool_step)
     finally:
-        config.STEP_THREADS, config.PAIR_COMPILE = saved
+        config.PAIR_COMPILE = saved
     times["cache"] = cache.cache_folder()
     return times
 

@@ -162,13 +162,17 @@ def _ahead(key, build, notify=None):
     """Whether the two-thread kernels of type ``key`` are compiled.
 
     True when they are; with ``config.PAIR_COMPILE == "now"`` they are
-    compiled here first (``build()``). Otherwise False, and a background
-    thread runs ``build()`` (once per key) after ``config.PAIR_COMPILE_DELAY``
-    seconds, then calls ``notify()`` (and every other waiter's).
+    compiled here first (``build()``). Otherwise False: with "off" (the
+    one-thread pass of ``numlstm.compile``) nothing more; with "background"
+    a background thread runs ``build()`` (once per key) after a pause of
+    ``config.PAIR_COMPILE_DELAY`` seconds in compiling, then calls
+    ``notify()`` (and every other waiter's).
     """
-    if config.PAIR_COMPILE not in ("now", "background"):
+    if config.PAIR_COMPILE not in ("now", "background", "off"):
         raise ValueError("config.PAIR_COMPILE (NUMLSTM_PAIR_COMPILE) must be 'now' or "
                          f"'background', got {config.PAIR_COMPILE!r}")
+    if config.PAIR_COMPILE == "off":
+        return False
     with _AHEAD_LOCK:
         entry = _AHEAD.get(key, ())
         if entry is None:

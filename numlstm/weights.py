@@ -28,13 +28,22 @@ from numlstm.kernels import cpu as cpu_kernels
 _NO_INDEX = np.zeros(0, dtype=np.int32)  # the unused index slots of a dense weight
 
 
+_NO_DENSE = {}
+
+
 def _no_dense(dtype):
     """The ``w0`` slot of a sparse weight: an empty (0, 0) array, read-only.
     Read-only is its type to numba (a dense weight's matrix is writeable), so
     a kernel compiled for a sparse kind holds no dense code, and for a dense
-    kind no sparse code (docs/design.md, Storage kinds by type)."""
-    a = np.zeros((0, 0), dtype)
-    a.flags.writeable = False
+    kind no sparse code (docs/design.md, Storage kinds by type). One shared
+    array per dtype, never an attribute: a copied or unpickled array would
+    come back writeable."""
+    dtype = np.dtype(dtype)
+    a = _NO_DENSE.get(dtype)
+    if a is None:
+        a = np.zeros((0, 0), dtype)
+        a.flags.writeable = False
+        _NO_DENSE[dtype] = a
     return a
 _STEP_LOCK = threading.Lock()  # held while a CSR weight builds its execution layout
 QUANTIZED_TYPES = ("float16", "int8")
@@ -193,7 +202,6 @@ class CSR(_Weight):
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype if dtype is not None else data.dtype)
         self.scales = scales  # (R,) float16 for int8 values, else None
-        self._no_dense = _no_dense(self.dtype)
         self._transposed = None  # (data_t, indices_t, indptr_t, perm), built lazily
         self._bind()
 
@@ -232,9 +240,9 @@ class CSR(_Weight):
         if data.dtype == np.int8:  # (R, 1) scale bits
             w0, kdata = self.scales.view(np.uint16).reshape(-1, 1), data
         elif data.dtype == np.float16:
-            w0, kdata = self._no_dense, data.view(np.uint16)  # kernels read the bits
+            w0, kdata = _no_dense(self.dtype), data.view(np.uint16)  # kernels read the bits
         else:
-            w0, kdata = self._no_dense, data
+            w0, kdata = _no_dense(self.dtype), data
         self._args = (w0, kdata, self._indices, self.indptr)
         self._step = None  # (layout or self, its kernel arguments), built on first use
         self._store = None  # the SELL layout that stores a quantized weight, if any
@@ -355,7 +363,7 @@ class CSR(_Weight):
             self._transposed = (np.empty_like(self.data),) + pattern
         data_t, indices_t, indptr_t, perm = self._transposed
         np.take(self.data, perm, out=data_t)
-        return self._no_dense, data_t, indices_t, indptr_t
+        return _no_dense(self.dtype), data_t, indices_t, indptr_t
 
     def dequantized(self):
         """The values as the model's dtype (nnz,): data itself when trainable."""
@@ -390,7 +398,6 @@ class BSR(_Weight):
         self.shape = tuple(shape)
         self.dtype = data.dtype
         self.blocksize = data.shape[1:]
-        self._no_dense = _no_dense(data.dtype)
         self._transposed = None
 
     @property
@@ -403,7 +410,7 @@ class BSR(_Weight):
         return self.data.size
 
     def kernel_args(self):
-        return self._no_dense, self.data, self.indices, self.indptr
+        return _no_dense(self.dtype), self.data, self.indices, self.indptr
 
     def kernel_args_t(self):
         """The BSR pattern of W^T ((bc, br) blocks), refreshed from ``data``."""
@@ -412,7 +419,7 @@ class BSR(_Weight):
                                                  self.shape)
         data_t, indices_t, indptr_t, perm = self._transposed
         cpu_kernels.gather_blocks_t(data_t, self.data, perm)
-        return self._no_dense, data_t, indices_t, indptr_t
+        return _no_dense(self.dtype), data_t, indices_t, indptr_t
 
     def public(self, values=None):
         data = self.data if values is None else values

@@ -169,3 +169,29 @@ def test_sparsity_and_to_dense():
     np.testing.assert_allclose(m.state_dict()["weight_hh_l0"],
                                state["weight_hh_l0"].toarray(), rtol=2**-11)
     assert "dense float32" in repr(m)
+
+
+@pytest.mark.parametrize("kind", ["csr", "csr-float16", "bsr"])
+def test_a_copied_or_unpickled_sparse_model_runs_its_sparse_kernels(kind):
+    """A sparse weight tells the kernels it is sparse by a read-only empty w0
+    (weights._no_dense); a copy or an unpickled model must keep it so."""
+    import copy
+    import pickle
+
+    m = numlstm.LSTM(6, 16, seed=0)
+    if kind == "bsr":
+        numlstm.prune.blocks(m, 0.75, block=(8, 1))
+    else:
+        numlstm.prune.magnitude(m, 0.8)
+        if kind == "csr-float16":
+            numlstm.quantize.quantize(m, "float16")
+    x = np.random.default_rng(0).standard_normal((5, 2, 6)).astype(np.float32)
+    want = m(x)[0]
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        for w in other.weights().values():
+            w0 = w.kernel_args()[0]
+            assert w0.dtype == np.uint16 or not w0.flags.writeable
+        np.testing.assert_array_equal(other(x)[0], want)
+        s, t = other.stream(1), m.stream(1)
+        for k in range(5):
+            np.testing.assert_array_equal(s.step(x[k, :1]), t.step(x[k, :1]))

@@ -412,6 +412,9 @@ def _product_overload(out, x, w0, data, indices, indptr, transposed):
     if w0.mutable and data.ndim == 1 and isinstance(data.dtype, nbtypes.Float):
         # Dense (a sparse kind's w0 is read-only: weights._no_dense).
         def dense(out, x, w0, data, indices, indptr, transposed):
+            if w0.size == 0 and out.size > 0:  # a sparse kind's w0 made writeable
+                raise ValueError("a dense product got no matrix (a sparse weight whose "
+                                 "empty w0 is writeable: weights._no_dense)")
             if not transposed and x.shape[0] <= DENSE_ROWS_MAX_N:
                 _dense_rows(out, x, w0)
             elif transposed:
