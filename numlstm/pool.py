@@ -19,14 +19,15 @@ import numpy as np
 
 from numlstm import checks
 from numlstm import weights as weights_mod
-from numlstm.kernels.pool import CLOSED, DUPLICATE, OUT_OF_RANGE, compiled_pool_step, make_pool_plan
+from numlstm.kernels.pool import CLOSED, DUPLICATE, compiled_pool_step, make_pool_plan
 from numlstm.workspace import Workspace, plan_nbytes
 
+_INT64 = np.dtype(np.int64)
 CHUNK = 256  # rows per batched product: past ~256 rows a GEMM is at its rate, and
 # the work buffers (gates alone are 3 * 4H values a row) stay bounded for any capacity
 
-_INDEX_BYTES = 8 + 8 + 8 + 1  # per slot: the ids buffer, the duplicate marks, the free
-# stack (int64 each) and the open flag (uint8)
+_INDEX_BYTES = 8 + 8 + 8 + 8 + 1  # per slot: the slots buffer, the duplicate marks, the
+# free stack, the session id it holds (int64 each) and the open flag (uint8)
 
 
 def _check_capacity(value, name):
@@ -133,9 +134,13 @@ class StreamPool:
         w = self._work_ws.carve(_work_spec(model, rows))
         self._wh, self._wc, self._xw, self._gates, self._r = (
             w["wh"], w["wc"], w["xw"], w["gates"], w["r"])
-        self._sids = np.zeros(S, np.int64)
+        self._sids = np.zeros(S, np.int64)  # a step's slots, in the order of its ids
         self._mark = np.zeros(S, np.int64)
         self._live = np.zeros(S, np.uint8)
+        # The id of the session each slot holds (or last held): slot + S * the
+        # number of sessions it held before, so that an id is never given twice
+        # and a stale one (kept by a client, queued, retried) names no session.
+        self._handle = np.arange(-S, 0, dtype=np.int64)
         self._tick = np.zeros(1, np.int64)
         # Free slots as a stack in an array (a Python list of ints would cost ~36
         # bytes a slot): the lowest free slot is opened next.
@@ -188,14 +193,24 @@ class StreamPool:
         """The model's dtype: of states, inputs and outputs."""
         return self.model.dtype
 
+    def _slot(self, sid):
+        """The slot of open session ``sid``, or -1 (call with the lock held
+        where the answer must stay true)."""
+        if sid < 0:
+            return -1
+        slot = sid % self.capacity
+        return slot if self._live[slot] and self._handle[slot] == sid else -1
+
     def _check_sid(self, sid):
+        """The slot of open session ``sid``; TypeError or KeyError otherwise."""
         if isinstance(sid, bool) or not isinstance(sid, (int, np.integer)):
             raise TypeError(f"sid must be an int session id, got {type(sid).__name__}")
         sid = int(sid)
-        if not 0 <= sid < self.capacity or not self._live[sid]:
-            raise KeyError(f"sid {sid} is not an open session of this pool "
-                           f"(capacity {self.capacity}, {len(self)} open)")
-        return sid
+        slot = self._slot(sid)
+        if slot < 0:
+            raise KeyError(f"sid {sid} is not an open session of this pool (closed, or "
+                           f"never opened here; {len(self)} of {self.capacity} open)")
+        return slot
 
     def _check_one_state(self, state):
         """``state`` (h (L, O), c (L, H)) as arrays of the model's dtype."""
@@ -219,7 +234,12 @@ class StreamPool:
         Returns
         -------
         int
-            The session id, in [0, capacity): the slot, reused after ``close``.
+            The session id, >= 0. Ids are never reused: a slot freed by
+            ``close`` holds the next session under a new id, so an id kept
+            after its session closed names no session (KeyError wherever it
+            is used) rather than another one. The first ``capacity`` ids are
+            0, 1, ...; an id grows by ``capacity`` each time its slot is
+            reused (int64 lasts for 2**63 / capacity reuses of a slot).
 
         Raises
         ------
@@ -233,36 +253,38 @@ class StreamPool:
                 raise RuntimeError(f"the pool is full: {self.capacity} sessions open; close "
                                    "one first, or make a pool with a larger capacity")
             self._nfree -= 1
-            sid = int(self._free[self._nfree])
+            slot = int(self._free[self._nfree])
             if state is None:
-                self._h[:, sid] = 0
-                self._c[:, sid] = 0
+                self._h[:, slot] = 0
+                self._c[:, slot] = 0
             else:
-                self._h[:, sid] = h
-                self._c[:, sid] = c
-            self._live[sid] = 1
-        return sid
+                self._h[:, slot] = h
+                self._c[:, slot] = c
+            self._handle[slot] += self.capacity
+            self._live[slot] = 1
+            return int(self._handle[slot])
 
     def close(self, sid):
         """End session ``sid``; its slot is free for the next ``open``.
         KeyError for an id that is not open."""
         with self._lock:
-            sid = self._check_sid(sid)
-            self._live[sid] = 0
-            self._free[self._nfree] = sid
+            slot = self._check_sid(sid)
+            self._live[slot] = 0
+            self._free[self._nfree] = slot
             self._nfree += 1
 
     def is_open(self, sid):
-        """Whether ``sid`` names an open session."""
+        """Whether ``sid`` names an open session (False for the id of a closed
+        one, even when its slot holds another session now)."""
         if isinstance(sid, bool) or not isinstance(sid, (int, np.integer)):
             return False
-        return 0 <= sid < self.capacity and bool(self._live[sid])
+        return self._slot(int(sid)) >= 0
 
     def state(self, sid):
         """Copies of session ``sid``'s state: h (L, O), c (L, H)."""
         with self._lock:
-            sid = self._check_sid(sid)
-            return self._h[:, sid].copy(), self._c[:, sid].copy()
+            slot = self._check_sid(sid)
+            return self._h[:, slot].copy(), self._c[:, slot].copy()
 
     def set_state(self, sid, state):
         """Set session ``sid``'s state to ``state`` (h (L, O), c (L, H)), copied in:
@@ -270,9 +292,9 @@ class StreamPool:
         the same model) resumes with exactly the same outputs."""
         h, c = self._check_one_state(state)
         with self._lock:
-            sid = self._check_sid(sid)
-            self._h[:, sid] = h
-            self._c[:, sid] = c
+            slot = self._check_sid(sid)
+            self._h[:, slot] = h
+            self._c[:, slot] = c
 
     # ------------------------------------------------------------------
     # Stepping
@@ -303,11 +325,12 @@ class StreamPool:
             ``sids`` not a 1-D integer array; ``x`` not a float array of
             shape (n, I).
         KeyError
-            An id out of range, not open, or named twice. Nothing changes.
+            An id that names no open session (closed, stale, never given),
+            or named twice. Nothing changes.
         """
         # The common case (an int64 array and an array of the model's dtype,
-        # as a batcher sends) takes no conversion and allocates nothing.
-        if sids.__class__ is not np.ndarray or sids.ndim != 1 or sids.dtype.kind not in "iu":
+        # as a batcher sends) takes no conversion.
+        if sids.__class__ is not np.ndarray or sids.ndim != 1 or sids.dtype is not _INT64:
             sids = self._check_sids(sids)
         n = sids.shape[0]
         if n > self.capacity:
@@ -322,11 +345,16 @@ class StreamPool:
                 self._bind()
             if m.layouts_stale:
                 m.refresh_layouts()
-            self._sids[:n] = sids
+            slots = self._sids[:n]
+            np.remainder(sids, self.capacity, out=slots)
+            # Every id must be the one its slot holds now (a negative id is
+            # never): comparing the bytes is the quickest test for small n.
+            if self._handle[slots].tobytes() != sids.tobytes():
+                self._raise_stale(sids)
             self._x[:n] = x
             code = self._run(self._plan, n)
             if code:
-                self._raise_for(code, n)
+                self._raise_for(code, sids)
             return self._out[:n]
 
     @staticmethod
@@ -335,18 +363,31 @@ class StreamPool:
         if arr.dtype.kind not in "iu" or arr.ndim != 1:
             raise TypeError(f"sids must be a 1-D array of int session ids, got a "
                             f"{arr.ndim}-D array of dtype {arr.dtype}")
-        return arr
+        if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+            k = int(np.argmax(arr > np.iinfo(np.int64).max))
+            raise KeyError(f"sids[{k}] = {int(arr[k])} is not a session id of this pool "
+                           "(over int64); no session was stepped")
+        return arr.astype(np.int64)
 
-    def _raise_for(self, code, n):
+    @staticmethod
+    def _not_open(sid):
+        return "negative: no session has that id" if sid < 0 else \
+            "not an open session (closed, or never opened here)"
+
+    def _raise_stale(self, sids):
+        for k, sid in enumerate(sids.tolist()):
+            if self._slot(sid) < 0:
+                raise KeyError(f"sids[{k}] = {sid} is {self._not_open(sid)}; "
+                               "no session was stepped")
+
+    def _raise_for(self, code, sids):
         kind, k = code % 4, code // 4
-        sid = int(self._sids[k])
-        if kind == OUT_OF_RANGE:
-            why = f"out of range [0, {self.capacity})"
-        elif kind == CLOSED:
-            why = "not an open session"
+        sid = int(sids[k])
+        if kind == CLOSED:  # the id its slot held last, since closed
+            why = self._not_open(sid)
         elif kind == DUPLICATE:
             why = "named twice in one step (a session steps once per call)"
-        else:  # pragma: no cover - the kernel returns only the codes above
+        else:  # pragma: no cover - an id out of range fails the handle check first
             why = f"refused (code {code})"
         raise KeyError(f"sids[{k}] = {sid} is {why}; no session was stepped")
 
@@ -359,7 +400,7 @@ class StreamPool:
         as ``pool_memory`` predicts them. The model's weights are not counted."""
         parts = {"states": self._states_ws.nbytes, "workspace": self._work_ws.nbytes,
                  "index": self._sids.nbytes + self._mark.nbytes + self._free.nbytes
-                 + self._live.nbytes + self._tick.nbytes}
+                 + self._handle.nbytes + self._live.nbytes + self._tick.nbytes}
         parts["total"] = sum(parts.values())
         return parts
 

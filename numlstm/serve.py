@@ -234,11 +234,11 @@ class Batcher:
 
     def _step(self, batch):
         live = []
-        is_open = self.pool._live  # (capacity,) uint8; the pool checks again in its step
+        is_open = self.pool.is_open  # the pool checks again in its step
         for r in batch:
             if not r.future.set_running_or_notify_cancel():
                 continue  # cancelled while queued
-            if not is_open[r.sid]:
+            if not is_open(r.sid):
                 r.future.set_exception(KeyError(f"sid {r.sid} was closed before its step"))
                 continue
             self._sids[len(live)] = r.sid

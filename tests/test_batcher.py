@@ -144,6 +144,27 @@ def test_a_session_closed_before_its_step_fails_alone(model):
         assert fb.result(10).shape == (H,)
 
 
+def test_a_closed_sessions_queued_request_never_steps_the_session_in_its_slot(model):
+    """Issue 24, case 1: a request still queued when its session closes and a
+    new session takes the slot fails with KeyError; the new session does not
+    move."""
+    pool = _GatedPool(model, 2)
+    with Batcher(pool, max_batch=2, max_delay=5.0) as batcher:
+        _hold(pool, batcher)
+        a = pool.open()
+        late = batcher.submit(a, np.ones(I))
+        pool.close(a)
+        c = pool.open()  # a's slot, under a new id
+        assert c != a
+        with pytest.raises(KeyError, match=f"sid {a} is not an open session"):
+            batcher.submit(a, np.ones(I))  # and a retry of it is refused at once
+        pool.gate.set()
+        with pytest.raises(KeyError, match=f"sid {a} was closed before its step"):
+            late.result(10)
+        h, cc = pool.state(c)
+        assert not h.any() and not cc.any()  # never stepped
+
+
 def test_close_drains_by_default_and_cancels_when_asked(model):
     pool = _GatedPool(model, 2)
     sid = pool.open()

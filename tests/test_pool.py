@@ -59,6 +59,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool = StreamPool(self.model, CAPACITY, chunk=CHUNK)
         self.streams = {}  # sid -> Stream(B=1) of that session alone
         self.exact = {}  # sid -> (h (L, O), c (L, H)) as chunk-sized streams give them
+        self.given = set()  # every id open() returned
 
     def _random_state(self):
         m = self.model
@@ -70,7 +71,8 @@ class PoolMachine(RuleBasedStateMachine):
     def open(self, with_state):
         state = self._random_state() if with_state else None
         sid = self.pool.open(state)
-        assert sid not in self.streams and 0 <= sid < CAPACITY
+        assert sid not in self.streams and sid not in self.given and sid >= 0
+        self.given.add(sid)  # an id is never given twice
         s = self.model.stream(1)
         if state is not None:
             s.reset((state[0][:, None], state[1][:, None]))
@@ -120,16 +122,19 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.streams)
     @rule(data=st.data())
     def bad_step_changes_nothing(self, data):
-        closed = sorted(set(range(CAPACITY)) - set(self.streams))
+        # Closed ids, and ids never given: those of slots never opened, and
+        # the next ids of open slots (what a forged or stale id looks like).
+        closed = sorted(self.given - set(self.streams)
+                        | set(range(CAPACITY)) - self.given
+                        | {sid + CAPACITY for sid in self.streams})
         live = sorted(self.streams)
-        bad = data.draw(st.sampled_from(["duplicate", "closed", "out of range"]
-                                        if closed else ["duplicate", "out of range"]))
+        bad = data.draw(st.sampled_from(["duplicate", "closed", "negative"]))
         if bad == "duplicate":
             sids = [live[0], *live[1:2], live[0]]
         elif bad == "closed":
-            sids = [*live[:1], closed[0]]
+            sids = [*live[:1], data.draw(st.sampled_from(closed))]
         else:
-            sids = [*live[:1], CAPACITY]
+            sids = [*live[:1], -data.draw(st.integers(1, 3 * CAPACITY))]
         with pytest.raises(KeyError, match="no session was stepped"):
             self.pool.step(np.array(sids), np.zeros((len(sids), I)))
 
@@ -183,8 +188,13 @@ def test_sessions_not_named_do_not_move_and_slots_are_reused():
     with pytest.raises(RuntimeError, match="the pool is full: 3 sessions"):
         pool.open()
     pool.close(sids[1])
-    assert len(pool) == 2 and pool.open() == sids[1]
-    assert not np.any(pool.state(sids[1])[0])  # a reopened slot starts from zeros
+    again = pool.open()
+    assert len(pool) == 3 and again == sids[1] + 3  # the slot, under a new id
+    assert not np.any(pool.state(again)[0])  # a reopened slot starts from zeros
+    for use in (pool.state, pool.close, lambda sid: pool.step(np.array([sid]), np.ones((1, I)))):
+        with pytest.raises(KeyError, match=f"{sids[1]} is not an open session"):
+            use(sids[1])  # the old id names no session, not the new one in its slot
+    assert not pool.is_open(sids[1]) and pool.is_open(again)
 
 
 def test_other_float_precisions_are_converted():
@@ -287,8 +297,10 @@ def test_bad_input_is_refused_clearly_and_changes_nothing():
     cases = [
         (KeyError, r"sids\[1\] = 0 is named twice", ([a, a], x)),
         (KeyError, r"sids\[1\] = 2 is not an open session", ([a, 2], x)),
-        (KeyError, r"out of range \[0, 3\)", ([a, -1], x)),
-        (KeyError, r"out of range", ([a, 3], x)),
+        (KeyError, r"sids\[1\] = -1 is negative: no session has that id", ([a, -1], x)),
+        (KeyError, r"sids\[1\] = 3 is not an open session", ([a, 3], x)),
+        (KeyError, r"sids\[0\] = 18446744073709551615 is not a session id",
+         (np.array([2**64 - 1, 0], np.uint64), x)),
         (TypeError, "sids must be a 1-D array of int session ids, got a 1-D array of dtype "
                     "float64", ([0.0, 1.0], x)),
         (TypeError, "2-D", ([[a, b]], x)),

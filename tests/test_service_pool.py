@@ -54,7 +54,9 @@ def test_an_ended_sessions_slot_is_reused_but_never_stepped_by_it(model):
         found = svc._get(a)  # a request that found session a ...
         svc.delete(a)  # ... which then ends: its slot is free
         b = svc.create()["session"]  # and taken by b (the pool has one slot)
-        assert svc.sessions[b].stream.sid == found.stream.sid
+        pool = svc.batcher.pool
+        assert not pool.is_open(found.stream.sid)  # the pool id of a is not b's, though
+        assert pool.is_open(svc.sessions[b].stream.sid)  # b holds a's slot (the only one)
         with found.lock:
             assert found.ended
         svc.sessions[a] = found  # the request goes on with the session it found
