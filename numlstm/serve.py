@@ -18,16 +18,30 @@ gathered into one step.
 
 Guarantees:
 
-- a session's requests are stepped in the order they were submitted: a
-  request whose session already has one in the batch being formed waits for
-  a later batch (a batch names each session at most once);
+- a request steps the session it was submitted for or none: session ids
+  are never reused by the pool, so a request for a session closed before
+  (or while) its step runs gets KeyError and no other session moves;
+- a session's requests are stepped in the order they were submitted, at
+  most one per batch;
+- sessions take turns: each has its own queue, and a batch takes the next
+  request of each of the next ``max_batch`` sessions in turn (round robin),
+  so one session's backlog delays another session's request by at most one
+  turn of the sessions waiting, not by the backlog;
 - every request is answered exactly once: a result, an exception, or a
   cancellation (``close(cancel=True)``, or ``Future.cancel`` before its step);
-- an exception raised by a step reaches exactly the futures of that step.
+- an exception raised by a step reaches exactly the futures of that step,
+  except that a session closed while its batch was stepping fails alone (its
+  future gets KeyError, the others are stepped without it);
+- each result is an array of the caller's own;
+- done-callbacks added to a future never run on the worker (when it resolves
+  the future they run, in order, on one callback thread of the batcher), so a
+  callback may call the batcher, even block on it, without stalling others.
 """
 
 import collections
+import logging
 import math
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -35,6 +49,28 @@ from concurrent.futures import Future
 import numpy as np
 
 from numlstm import weights as weights_mod
+
+_LOG = logging.getLogger("concurrent.futures")  # where Future logs a failing callback
+
+
+class _Future(Future):
+    """A Future whose done-callbacks run off the batcher's worker: a callback
+    that calls the batcher (and waits on it) must not hold up the thread
+    that would answer it."""
+
+    def __init__(self, batcher):
+        super().__init__()
+        self._batcher = batcher
+
+    def add_done_callback(self, fn):
+        batcher = self._batcher
+
+        def call(future):
+            if threading.current_thread() is batcher._worker:
+                batcher._defer(fn, future)
+            else:
+                fn(future)
+        super().add_done_callback(call)
 
 
 class _Request:
@@ -89,8 +125,13 @@ class Batcher:
         self._input_size, self._dtype = model.input_size, model.dtype
         self._sids = np.zeros(self.max_batch, np.int64)  # one batch's ids and inputs
         self._x = np.zeros((self.max_batch, model.input_size), model.dtype)
-        self._queue = collections.deque()
+        # One queue per session with requests waiting, and the sessions in turn.
+        self._pending = {}  # sid -> deque of _Request, oldest first
+        self._turns = collections.deque()  # the sids of _pending, the next turn first
+        self._queued = 0  # requests in _pending
         self._cond = threading.Condition()
+        self._callbacks = queue.SimpleQueue()  # (fn, future) the worker hands on
+        self._callback_thread = None
         self._closed = False
         self.batches = 0  # steps taken, and sessions stepped in them (for monitoring)
         self.stepped = 0
@@ -137,13 +178,19 @@ class Batcher:
             x = np.array(weights_mod.check_float_array(x_t, "x_t", (I,), self._dtype))
         if not self.pool.is_open(sid):
             raise KeyError(f"sid {sid!r} is not an open session of the pool")
-        future = Future()
+        future = _Future(self)
+        request = _Request(int(sid), x, future, time.monotonic())
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed; make a new one to submit more")
-            self._queue.append(_Request(int(sid), x, future, time.monotonic()))
+            pending = self._pending.get(request.sid)
+            if pending is None:
+                self._pending[request.sid] = pending = collections.deque()
+                self._turns.append(request.sid)
+            pending.append(request)
+            self._queued += 1
             # Wake the worker when it waits for a first request or for a batch.
-            if len(self._queue) == 1 or len(self._queue) >= self._expect:
+            if self._queued == 1 or len(self._turns) >= self._expect:
                 self._cond.notify()
         return future
 
@@ -164,11 +211,21 @@ class Batcher:
         with self._cond:
             self._closed = True
             if cancel:
-                while self._queue:
-                    self._queue.popleft().future.cancel()
+                for pending in self._pending.values():
+                    for r in pending:
+                        r.future.cancel()
+                self._pending.clear()
+                self._turns.clear()
+                self._queued = 0
             self._cond.notify()
-        if threading.current_thread() is not self._worker:  # a future's callback may close
+        me = threading.current_thread()
+        if me is not self._worker:
             self._worker.join()
+        # Then the callbacks the worker handed on (unless called from one).
+        thread = self._callback_thread
+        if thread is not None and me is not thread and me is not self._worker:
+            self._callbacks.put(None)
+            thread.join()
 
     @property
     def closed(self):
@@ -182,42 +239,41 @@ class Batcher:
 
     def __len__(self):
         """Requests queued, not yet taken into a step."""
-        return len(self._queue)
+        return self._queued
 
     # ------------------------------------------------------------------
     # The worker
     # ------------------------------------------------------------------
 
     def _take(self):
-        """The next batch (a list of requests, distinct sessions, in queue
-        order), or None once closed and drained. Called without the lock."""
-        q, cond = self._queue, self._cond
+        """The next batch (a list of requests, distinct sessions, one per
+        session in turn), or None once closed and drained. Called without
+        the lock."""
+        cond, turns, pending = self._cond, self._turns, self._pending
         with cond:
-            while not q and not self._closed:
+            while not self._queued and not self._closed:
                 cond.wait()
-            if not q:
+            if not self._queued:
                 return None
-            deadline = q[0].arrived + self.max_delay
-            while len(q) < self._expect and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                cond.wait(remaining)
-            batch, seen, skipped = [], set(), []
-            # A session already in this batch waits for the next one, with every
-            # later request of it (so its order holds); scanning is bounded so a
-            # flood from one session cannot make each batch scan the whole queue.
-            scan = 4 * self.max_batch
-            while q and len(batch) < self.max_batch and scan:
-                scan -= 1
-                r = q.popleft()
-                if r.sid in seen:
-                    skipped.append(r)
+            if len(turns) < self._expect and not self._closed:
+                # Fewer sessions waiting than a batch: at most max_batch of them.
+                deadline = min(pending[sid][0].arrived for sid in turns) + self.max_delay
+                while len(turns) < self._expect and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    cond.wait(remaining)
+            batch = []
+            for _ in range(min(len(turns), self.max_batch)):
+                sid = turns.popleft()
+                q = pending[sid]
+                batch.append(q.popleft())
+                if q:  # its next request waits for its next turn
+                    turns.append(sid)
                 else:
-                    seen.add(r.sid)
-                    batch.append(r)
-            q.extendleft(reversed(skipped))
-            self._expect = max(1, min(len(batch), self.max_batch))
+                    del pending[sid]
+            self._queued -= len(batch)
+            self._expect = max(1, len(batch))
         return batch
 
     def _run(self):
@@ -244,19 +300,55 @@ class Batcher:
             self._sids[len(live)] = r.sid
             self._x[len(live)] = r.x
             live.append(r)
-        n = len(live)
-        if n == 0:
+        while live:
+            n = len(live)
+            try:
+                # One copy of the pool's buffer (which the next step overwrites) per
+                # step; each caller gets its row of it.
+                out = self.pool.step(self._sids[:n], self._x[:n]).copy()
+            except KeyError as e:
+                # A session closed since it was checked above: the pool stepped
+                # none, so step the others again without it.
+                kept = [r for r in live if is_open(r.sid)]
+                if len(kept) == n:  # pragma: no cover - the ids were open and distinct
+                    for r in live:
+                        r.future.set_exception(e)
+                    return
+                for r in live:
+                    if not is_open(r.sid):
+                        r.future.set_exception(KeyError(f"sid {r.sid} was closed during "
+                                                        "its step"))
+                live = kept
+                for k, r in enumerate(live):
+                    self._sids[k] = r.sid
+                    self._x[k] = r.x
+                continue
+            except BaseException as e:  # noqa: BLE001 - routed to exactly this step's callers
+                for r in live:
+                    r.future.set_exception(e)
+                return
+            self.batches += 1
+            self.stepped += n
+            for r, h in zip(live, out, strict=True):
+                r.future.set_result(h)
             return
-        try:
-            # One copy of the pool's buffer (which the next step overwrites) per
-            # step; each caller gets its row of it.
-            out = self.pool.step(self._sids[:n], self._x[:n]).copy()
-            results = list(out)
-        except BaseException as e:  # noqa: BLE001 - routed to exactly this step's callers
-            for r in live:
-                r.future.set_exception(e)
-            return
-        self.batches += 1
-        self.stepped += n
-        for r, h in zip(live, results, strict=True):
-            r.future.set_result(h)
+
+    # ------------------------------------------------------------------
+    # Callbacks, off the worker
+    # ------------------------------------------------------------------
+
+    def _defer(self, fn, future):
+        """Run ``fn(future)`` on the callback thread (called by the worker only)."""
+        if self._callback_thread is None:
+            self._callback_thread = threading.Thread(
+                target=self._run_callbacks, name="numlstm-batcher-callbacks", daemon=True)
+            self._callback_thread.start()
+        self._callbacks.put((fn, future))
+
+    def _run_callbacks(self):
+        while (item := self._callbacks.get()) is not None:
+            fn, future = item
+            try:
+                fn(future)
+            except Exception:  # noqa: BLE001 - as Future does: log it, run the next one
+                _LOG.exception("exception calling callback for %r", future)

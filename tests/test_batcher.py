@@ -84,6 +84,7 @@ class _GatedPool(StreamPool):
     name ``poison``."""
 
     poison = None
+    victim = None  # closed by the step that names it, just before it runs
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -94,6 +95,9 @@ class _GatedPool(StreamPool):
         self.entered.set()
         self.gate.wait(10)
         self.calls.append(sorted(int(s) for s in sids))
+        if self.victim in sids:
+            self.close(self.victim)
+            self.victim = None
         if self.poison in sids:
             raise FloatingPointError(f"step with {self.poison} failed")
         return super().step(sids, x)
@@ -163,6 +167,98 @@ def test_a_closed_sessions_queued_request_never_steps_the_session_in_its_slot(mo
             late.result(10)
         h, cc = pool.state(c)
         assert not h.any() and not cc.any()  # never stepped
+
+
+def test_a_session_closed_while_its_batch_steps_fails_alone(model):
+    """Issue 24, case 2: the pool refuses a step naming a session closed after
+    the batcher checked it; the batch's other sessions are stepped without it."""
+    pool = _GatedPool(model, 4)
+    with Batcher(pool, max_batch=3, max_delay=5.0) as batcher:
+        _hold(pool, batcher)
+        a, b = pool.open(), pool.open()
+        fa, fb = batcher.submit(a, np.ones(I)), batcher.submit(b, np.ones(I))
+        pool.victim = a
+        pool.gate.set()
+        with pytest.raises(KeyError, match=f"sid {a} was closed during its step"):
+            fa.result(10)
+        np.testing.assert_array_equal(fb.result(10), model.stream(1).step(np.ones((1, I)))[0])
+        assert sorted([a, b]) in pool.calls  # one batch of both
+        assert pool.state(b)[0].any()
+
+
+def test_sessions_closing_in_one_thread_never_fail_another_threads_steps(model):
+    """Issue 24, case 2, as reported: one thread opens, submits to and closes
+    its own sessions, another steps its own; none of the latter's steps fails."""
+    pool = StreamPool(model, 8)
+    mine = pool.open()
+    stop, failures, churned = threading.Event(), [], [0]
+
+    def churn():
+        while not stop.is_set():
+            sid = pool.open()
+            batcher.submit(sid, np.ones(I))
+            pool.close(sid)  # while its request is queued or in flight
+            churned[0] += 1
+
+    with Batcher(pool, max_batch=8, max_delay=0) as batcher:
+        other = threading.Thread(target=churn)
+        other.start()
+        try:
+            for _ in range(1500):
+                try:
+                    batcher.step(mine, np.ones(I), timeout=10)
+                except KeyError as e:
+                    failures.append(e)
+        finally:
+            stop.set()
+            other.join(10)
+    assert not other.is_alive()
+    assert churned[0] > 0 and not failures, failures[:3]
+
+
+def test_a_done_callback_that_calls_the_batcher_holds_up_no_one(model):
+    """Issue 24, case 3: callbacks run off the worker, so one that blocks on
+    the batcher (or on anything) does not stall the other sessions."""
+    pool = StreamPool(model, 3)
+    a, b = pool.open(), pool.open()
+    release, inside, got = threading.Event(), threading.Event(), {}
+
+    def callback(future):
+        got["thread"] = threading.current_thread().name
+        got["again"] = batcher.step(a, np.ones(I), timeout=10)  # re-entry, blocking
+        inside.set()
+        release.wait(10)  # and then hold its thread
+
+    with Batcher(pool, max_batch=2, max_delay=0) as batcher:
+        first = batcher.submit(a, np.ones(I))
+        first.add_done_callback(callback)
+        assert inside.wait(10)
+        assert got["again"].shape == (H,)
+        assert got["thread"] != "numlstm-batcher"
+        assert batcher.step(b, np.ones(I), timeout=10).shape == (H,)  # served meanwhile
+        release.set()
+    s = model.stream(1)
+    np.testing.assert_allclose(first.result(0), s.step(np.ones((1, I)))[0], **CLOSE)
+    np.testing.assert_allclose(got["again"], s.step(np.ones((1, I)))[0], **CLOSE)
+
+
+def test_one_sessions_backlog_does_not_starve_another(model):
+    """Issue 24, case 4: 5,000 steps queued for one session, then one for
+    another: the other is in the first batch after the one in flight."""
+    pool = _GatedPool(model, 3)
+    batcher = Batcher(pool, max_batch=2, max_delay=0)
+    try:
+        _hold(pool, batcher)
+        a, b = pool.open(), pool.open()
+        backlog = [batcher.submit(a, np.ones(I)) for _ in range(5000)]
+        late = batcher.submit(b, np.ones(I))
+        pool.gate.set()
+        assert late.result(10).shape == (H,)
+        assert pool.calls[1] == sorted([a, b])  # its first turn
+        assert backlog[0].result(10).shape == (H,)
+    finally:
+        batcher.close(cancel=True)
+    assert all(f.done() for f in backlog)
 
 
 def test_close_drains_by_default_and_cancels_when_asked(model):
