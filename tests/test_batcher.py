@@ -6,6 +6,9 @@ from concurrent.futures import CancelledError
 
 import numpy as np
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 import numlstm
 from numlstm.pool import StreamPool
@@ -308,3 +311,136 @@ def test_bad_input_is_refused_at_submit(model):
         Batcher(pool, max_delay=-1)
     with pytest.raises(TypeError, match="pool must be a numlstm.StreamPool"):
         Batcher(model)
+
+
+# -- properties ---------------------------------------------------------------------------
+
+class BatcherMachine(RuleBasedStateMachine):
+    """Open, submit (from this thread and from several at once), close and
+    reopen sessions while the worker steps them: every future resolves exactly
+    once; the steps that succeed for a session are a prefix of what was
+    submitted for it, in order, with the outputs a batch-1 stream gives for
+    that prefix; a failed one is a KeyError; no session moves but by its own
+    requests."""
+
+    CAPACITY = 4
+
+    @initialize(seed=st.integers(0, 2**16), max_batch=st.integers(1, 4))
+    def setup(self, seed, max_batch):
+        self.model = _MODEL
+        self.rng = np.random.default_rng(seed)
+        self.pool = StreamPool(self.model, self.CAPACITY)
+        self.batcher = Batcher(self.pool, max_batch=max_batch, max_delay=0)
+        self.open_ids, self.closed_ids = set(), set()
+        self.sent = {}  # sid -> [(x, future)] in submission order
+        self.calls = {}  # future -> times its done-callbacks ran
+
+    def teardown(self):
+        if hasattr(self, "batcher"):
+            self.batcher.close()  # after the worker, waits for the callback thread
+            self.settle()
+            for future, n in self.calls.items():
+                assert n == 1, f"{future}: its callbacks ran {n} times"
+
+    def _submit(self, sid, x):
+        future = self.batcher.submit(sid, x)
+        self.calls[future] = 0
+
+        def count(f, calls=self.calls):
+            calls[f] += 1
+        future.add_done_callback(count)
+        return future
+
+    @precondition(lambda self: len(self.open_ids) < self.CAPACITY)
+    @rule()
+    def open(self):
+        sid = self.pool.open()
+        assert sid not in self.open_ids | self.closed_ids  # never given twice
+        self.open_ids.add(sid)
+        self.sent[sid] = []
+
+    @precondition(lambda self: self.open_ids)
+    @rule(data=st.data(), steps=st.integers(1, 4))
+    def submit(self, data, steps):
+        sid = data.draw(st.sampled_from(sorted(self.open_ids)))
+        for _ in range(steps):
+            x = self.rng.standard_normal(I)
+            self.sent[sid].append((x, self._submit(sid, x)))
+
+    @precondition(lambda self: self.open_ids)
+    @rule(data=st.data(), close_one=st.booleans())
+    def from_threads(self, data, close_one):
+        """Each open session's steps submitted by a thread of its own, all at
+        once; one of them may close its session after submitting."""
+        sids = sorted(self.open_ids)
+        closer = data.draw(st.sampled_from(sids)) if close_one else None
+        xs = {sid: self.rng.standard_normal((3, I)) for sid in sids}
+        out = {}
+        start = threading.Barrier(len(sids))
+
+        def client(sid):
+            start.wait(10)
+            out[sid] = [(x, self._submit(sid, x)) for x in xs[sid]]
+            if sid == closer:
+                self.pool.close(sid)
+
+        threads = [threading.Thread(target=client, args=(sid,)) for sid in sids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads)
+        for sid in sids:
+            self.sent[sid].extend(out[sid])
+        if closer is not None:
+            self.open_ids.discard(closer)
+            self.closed_ids.add(closer)
+
+    @precondition(lambda self: self.open_ids)
+    @rule(data=st.data())
+    def close(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.open_ids)))
+        self.pool.close(sid)
+        self.open_ids.discard(sid)
+        self.closed_ids.add(sid)
+
+    @precondition(lambda self: self.closed_ids)
+    @rule(data=st.data())
+    def submit_to_a_closed_id(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.closed_ids)))
+        with pytest.raises(KeyError, match="is not an open session"):
+            self.batcher.submit(sid, np.zeros(I))
+
+    @rule()
+    def settle(self):
+        """Wait for every future, then check what each session got."""
+        if not hasattr(self, "batcher"):
+            return
+        for sid, sent in self.sent.items():
+            stepped = 0
+            for _x, future in sent:
+                try:
+                    future.result(10)
+                except KeyError:
+                    continue
+                stepped += 1
+            # Successes are a prefix: once a request failed (its session
+            # closed), no later one of that session was stepped.
+            results = [f.exception(0) is None for _, f in sent]
+            assert results == [True] * stepped + [False] * (len(sent) - stepped), sid
+            s = self.model.stream(1)
+            for x, future in sent[:stepped]:
+                np.testing.assert_allclose(future.result(0), s.step(x[None])[0], **CLOSE)
+            if sid in self.open_ids:
+                h, c = self.pool.state(sid)
+                hs, cs = s.state
+                np.testing.assert_allclose(h, hs[:, 0], **CLOSE)
+                np.testing.assert_allclose(c, cs[:, 0], **CLOSE)
+        # Callbacks run on the callback thread, perhaps not yet: never twice.
+        assert all(n <= 1 for n in self.calls.values())
+
+
+_MODEL = numlstm.LSTM(I, H, dtype=np.float64, seed=0)
+BatcherMachine.TestCase.settings = settings(max_examples=15, stateful_step_count=12,
+                                            deadline=None)
+TestBatcherMachine = BatcherMachine.TestCase
