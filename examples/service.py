@@ -48,6 +48,9 @@ What one client can cost is bounded (``Limits``, each a command-line flag):
   from when its connection starts waiting for it (a byte at a time does not
   extend it), and as long again to take the reply; stepping has no clock (the
   step cap bounds it), so a slow step never loses a reply;
+- at most ``max_header_bytes`` of request line and headers (431 past it,
+  414 for a request line alone past it): a connection buffers no more of a
+  request's head than that, however its client sends it;
 - at most ``max_steps`` steps per request and ``max_reply_bytes`` of reply (413,
   checked before any step);
 - at most ``max_sessions`` sessions, ``max_sessions_per_client`` of them from
@@ -120,6 +123,9 @@ class Limits:
     request_timeout : float
         Seconds a client has to send a request, in all (waiting for it on a
         kept-alive connection included), and again to take its reply.
+    max_header_bytes : int
+        Bytes of a request's line and headers, blank line included (431 past
+        it, or 414 when the request line alone is longer).
     """
 
     max_sessions: int = 1000
@@ -129,6 +135,7 @@ class Limits:
     max_reply_bytes: int = 1 << 20
     max_connections: int = 256
     request_timeout: float = 10.0
+    max_header_bytes: int = 16384
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -398,6 +405,28 @@ class Service:
         return {"status": "ok", "sessions": n, "mode": self.mode, "model": repr(self.model)}
 
 
+class _HeadTooLarge(Exception):
+    """A request's line and headers ran past ``Limits.max_header_bytes``."""
+
+
+class _Head:
+    """The connection's reader while a request's line and headers are read
+    (``http.server`` reads them with ``readline`` only): at most ``budget``
+    bytes in all, so what a connection buffers of a request's head is bounded
+    however many lines, of whatever length, its client sends."""
+
+    def __init__(self, rfile, budget):
+        self.rfile, self.left = rfile, budget
+
+    def readline(self, limit=-1):
+        want = self.left + 1 if limit is None or limit < 0 else min(limit, self.left + 1)
+        line = self.rfile.readline(want)
+        self.left -= len(line)
+        if self.left < 0:
+            raise _HeadTooLarge
+        return line
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "numlstm-service"
     protocol_version = "HTTP/1.1"
@@ -418,13 +447,43 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         # The request's deadline starts now, while the connection waits for it.
         self.server.connections.waiting(self.connection)
+        self._rfile = self.rfile
+        self.rfile = _Head(self._rfile, self.server.limits.max_header_bytes)
         try:
             super().handle_one_request()
+        except _HeadTooLarge:  # in the request line: parse_request handles the headers
+            self.rfile = self._rfile
+            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+            self._head_too_large(HTTPStatus.REQUEST_URI_TOO_LONG, "request line")
         except OSError:  # the client left, or the server closed it at its deadline
             self.close_connection = True
+        finally:
+            self.rfile = self._rfile
+
+    def _head_too_large(self, status, what):
+        """Refuse a request whose head is over the cap; then read and drop
+        what the client is still sending (up to ``MAX_DRAIN`` bytes, a chunk
+        at a time: nothing is kept), so that it reads the reply rather than a
+        reset connection."""
+        self.send_error(status, f"{what} over {self.server.limits.max_header_bytes} bytes "
+                                "(the request's line and headers together)")
+        left = MAX_DRAIN
+        try:
+            self.wfile.flush()
+            while left > 0 and (chunk := self.rfile.read1(min(1 << 14, left))):
+                left -= len(chunk)
+        except OSError:  # the client left, or its deadline passed
+            pass
 
     def parse_request(self):
-        if not super().parse_request():
+        try:
+            ok = super().parse_request()
+        except _HeadTooLarge:
+            self.rfile = self._rfile
+            self._head_too_large(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header block")
+            return False
+        self.rfile = self._rfile  # the head is in: the body is read as it comes
+        if not ok:
             return False  # http.server has sent the error
         if self.request_version == "HTTP/0.9":  # its reply would carry no status line
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
@@ -806,6 +865,8 @@ def main(argv=None):
                    help=f"lowered to the descriptor limit less {FD_RESERVE}")
     p.add_argument("--request-timeout", type=_positive(float), default=d.request_timeout,
                    help="seconds per request in all")
+    p.add_argument("--max-header-bytes", type=_positive(int), default=d.max_header_bytes,
+                   help="request line and headers, together")
     args = p.parse_args(argv)
     limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}
     try:

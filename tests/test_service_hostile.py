@@ -519,6 +519,101 @@ def test_http_0_9_gets_a_status_line(serve):
     assert status == 400 and "HTTP/0.9" in reply["error"]
 
 
+# -- the request's head: a cap on the line and headers together (issue 24, case 5) --------
+
+def test_a_header_block_over_the_cap_is_431_and_the_connection_closed(serve):
+    """The issue's case: 90 header lines of 65 KB (5.9 MB, each line under
+    http.server's own 64 KiB line limit, and fewer than its 100 headers)."""
+    _, port = serve()
+    lines = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 65000) for i in range(90))
+    (status, head, reply), = _replies(_raw(port, b"GET /health HTTP/1.1\r\n" + lines + b"\r\n"))
+    assert status == 431 and "header block over 16384 bytes" in reply["error"], reply
+    assert b"Connection: close" in head
+    (status, _, reply), = _replies(_raw(port, b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"))
+    assert status == 414 and "request line over 16384 bytes" in reply["error"], reply
+    assert _health(port)[0] == 200
+
+
+def test_the_cap_counts_the_whole_head_and_is_configurable(serve):
+    _, port = serve(max_header_bytes=100)
+    line = b"GET /health HTTP/1.1\r\n"
+
+    def head(n):  # a head of exactly n bytes, blank line included
+        return line + b"X: " + b"a" * (n - len(line) - 7) + b"\r\n\r\n"
+    assert len(head(100)) == 100
+    assert _replies(_raw(port, head(100)))[0][0] == 200
+    assert _replies(_raw(port, head(101)))[0][0] == 431
+    with pytest.raises(ValueError, match="max_header_bytes must be a positive number"):
+        service.Limits(max_header_bytes=0)
+
+
+def test_connections_stalled_in_their_headers_hold_bounded_memory(serve):
+    """20 clients each send 1 MB of header lines and never end the block:
+    each gets 431 after the cap, and the server's memory grows by well under
+    a megabyte's worth a connection (it buffered up to 6.4 MB each before)."""
+    import tracemalloc
+
+    n, per_client = 20, 1 << 20
+    _, port = serve(request_timeout=5.0)
+    assert _health(port)[0] == 200
+    line = b"X-B: " + b"b" * 60000 + b"\r\n"  # each under http.server's line limit
+    payload = b"GET /health HTTP/1.1\r\n" + line * (per_client // len(line))
+    statuses = [None] * n
+
+    def client(k):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            try:
+                s.sendall(payload)  # and no blank line: the block never ends
+                statuses[k] = s.recv(64)
+            except OSError as e:
+                statuses[k] = e
+
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert not any(t.is_alive() for t in threads)
+    assert all(isinstance(r, bytes) and r.startswith(b"HTTP/1.1 431 ") for r in statuses), \
+        statuses
+    assert peak < n * (128 << 10), peak
+
+
+# Header blocks: names and values of any sizes, from a handful to a few hundred
+# lines, some past the cap; names are tokens and values visible ASCII, so that a
+# block within the cap and http.server's 100 headers is a valid request.
+_TOKEN = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-!#$%&'*+.^_`|~",
+                 min_size=1, max_size=40).map(lambda t: b"X-" + t.encode())
+_VALUE = st.one_of(st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=60),
+                   st.integers(0, 3000).map(lambda n: "v" * n)).map(str.encode)
+_BLOCKS = st.lists(st.tuples(_TOKEN, _VALUE), max_size=120)
+_CAP = 2048
+
+
+def test_header_block_fuzz_gets_200_within_the_cap_and_431_past_it(serve):
+    _, port = serve(max_header_bytes=_CAP, request_timeout=2.0)
+
+    @settings(max_examples=min(_FUZZ, 120), deadline=None)
+    @given(_BLOCKS, st.sampled_from([b"\r\n", b"\n"]))
+    def fuzz(block, eol):
+        head = b"GET /health HTTP/1.1" + eol
+        head += b"".join(name + b": " + value + eol for name, value in block) + eol
+        (status, _, reply), = _replies(_raw(port, head, timeout=5.0))
+        if len(head) > _CAP or len(block) > 100:  # http.server allows 100 headers
+            assert status == 431, (len(head), len(block), reply)
+        else:
+            assert status == 200, (len(head), len(block), reply)
+
+    fuzz()
+    assert _health(port)[0] == 200
+
+
 # -- the command line ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [
