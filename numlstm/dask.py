@@ -83,17 +83,20 @@ def _from_bytes(blob):
 def _rebuild(token, blob):
     with _REBUILDS_LOCK:
         _REBUILDS[token] = _REBUILDS.get(token, 0) + 1
-    return _Portable(None, token, blob)
+    return _Portable(token, blob, _from_bytes(blob))
 
 
 class _Portable:
     """A model in transit: pickles as its ``numlstm.save`` bytes, unpickles
     into a live model (once per receiving process: that is when the scattered
-    data arrives). ``local()`` gives the calling thread its own model."""
+    data arrives). ``local()`` gives the calling thread its own model, always
+    one built from ``blob``: never the caller's model itself, which an
+    in-process cluster would otherwise hand to a worker thread unpickled, so
+    that its later in-place updates reached some tasks and not others."""
 
-    def __init__(self, model, token, blob):
+    def __init__(self, token, blob, model=None):
         self.token, self.blob = token, blob
-        self._primary = model if model is not None else _from_bytes(blob)
+        self._primary = model  # built from blob on first use when None
         self._claimed = False
         self._lock = threading.Lock()
         self._threads = threading.local()
@@ -108,7 +111,7 @@ class _Portable:
                 if not self._claimed:
                     self._claimed, model = True, self._primary
             if model is None:
-                model = _from_bytes(self.blob)  # a second thread on this worker
+                model = _from_bytes(self.blob)  # in-process, or a second thread here
             self._threads.model = model
         return model
 
@@ -123,15 +126,17 @@ def rebuilds():
 def scatter_model(client, model):
     """Send ``model`` to every worker once (a broadcast scatter); returns the future
     to pass as ``score(..., model_future=)`` for repeated scoring. The workers
-    hold the weights as they were at this call: scatter again after changing
-    them. ``rebuilds()`` on a worker counts the arrivals per model token (a hash
-    of the model's bytes)."""
+    hold the weights as they were at this call (a snapshot: the model's
+    ``numlstm.save`` bytes, also on an in-process cluster), so later changes
+    to ``model`` never reach them: scatter again after changing it.
+    ``rebuilds()`` on a worker counts the arrivals per model token (a hash of
+    the model's bytes)."""
     _require_dask()
     if not isinstance(model, LSTM):
         raise TypeError(f"model must be a numlstm.LSTM, got {type(model).__name__}")
     blob = _to_bytes(model)
     token = "numlstm-model-" + hashlib.sha1(blob).hexdigest()
-    portable = _Portable(model, token, blob)
+    portable = _Portable(token, blob)
     [future] = client.scatter([portable], broadcast=True, hash=False)
     return future
 
@@ -166,7 +171,10 @@ def score(client, model, xs, *, lengths=None, state=None, chunk_size=None,
     model : numlstm.LSTM
         The model (read here for its layout); sent to the workers once per call
         by a broadcast scatter, unless ``model_future`` (from ``scatter_model``
-        of this same model) is given, which is then reused.
+        of this same model) is given, which is then reused. Every sequence
+        is scored with one set of weights: the model's as they were at this
+        call, or at ``scatter_model`` for ``model_future`` (a snapshot; an
+        update of the model in between is not seen).
     xs : array (T, B, I), or (B, T, I) when ``model.batch_first``
     lengths : (B,) ints, optional
     state : (h0 (D*L, B, O), c0 (D*L, B, H)), optional

@@ -140,3 +140,27 @@ def test_data_parallel_refuses_an_optimizer_over_other_modules(client):
     model = numlstm.LSTM(3, 5, seed=0)
     with pytest.raises(ValueError, match="exactly this model"):
         nd.DataParallel(client, model, optim.SGD([model, Linear(5, 1)], lr=0.1))
+
+
+def test_score_uses_the_weights_scattered_even_in_process():
+    """Issue 24, case 14: on an in-process cluster the scattered model is not
+    pickled, and a worker thread used to get the caller's model itself; after
+    an in-place update, one call then scored some sequences with the old
+    weights and some with the new. Every sequence now gets the snapshot."""
+    from distributed import Client, LocalCluster
+
+    model = numlstm.LSTM(3, 8, dtype=np.float64, seed=6)
+    xs = np.random.default_rng(6).standard_normal((5, 16, 3))
+    old = model(xs)[0]
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        future = nd.scatter_model(client, model)
+        model.parameters()["weight_ih_l0"][:] += 0.5  # in place, after the scatter
+        new = model(xs)[0]
+        assert not np.allclose(old, new)
+        for _ in range(3):  # chunks on both threads, in any order
+            y = nd.score(client, model, xs, chunk_size=1, model_future=future)
+            np.testing.assert_allclose(y, old, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(nd.score(client, model, xs, chunk_size=1), new,
+                                   rtol=1e-12, atol=1e-14)  # a fresh snapshot per call
+        future.release()
