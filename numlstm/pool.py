@@ -6,8 +6,9 @@ per request: a matrix-vector pass over every weight for each session. A
 preallocated ``(L, capacity, ...)`` arrays, and ``step(sids, x)`` advances any
 n of them in one compiled call (``numlstm.kernels.pool``): it gathers their
 states by index, runs every layer at batch n (a matrix-matrix product: one
-pass over the weights for all n), and scatters the new states back. A warm
-step allocates nothing.
+pass over the weights for all n), and scatters the new states back. It
+returns the outputs as a new array; ``step(sids, x, out=buf)`` writes them
+into the caller's buffer, and a warm step then allocates nothing.
 
 ``numlstm.serve.Batcher`` puts a micro-batching front on a pool for threads
 that each submit one session's steps.
@@ -300,7 +301,9 @@ class StreamPool:
     # Stepping
     # ------------------------------------------------------------------
 
-    def step(self, sids, x):
+    _out_ok = None  # the last ``out`` found not to overlap the pool's buffers
+
+    def step(self, sids, x, *, out=None):
         """Advance the sessions ``sids`` by one step; the others do not move.
 
         Parameters
@@ -312,18 +315,26 @@ class StreamPool:
             dtype is copied in without allocating; another float precision
             is converted. NaN and inf are not checked (as ``Stream.step``):
             they propagate into the named sessions only.
+        out : array (n, O), optional
+            Where to write the outputs: a C-contiguous, writeable NumPy array
+            of the model's dtype that is not the pool's own memory. Checked
+            before the step (a bad one changes nothing). The zero-allocation
+            path.
 
         Returns
         -------
         array (n, O)
-            The top layer's outputs, row k for ``sids[k]``: a view of the
-            pool's buffer, overwritten by the next step (copy it to keep it).
+            The top layer's outputs, row k for ``sids[k]``: a new array, the
+            caller's to keep and change (later steps never touch it);
+            ``out`` itself when given.
 
         Raises
         ------
         TypeError, ValueError
             ``sids`` not a 1-D integer array; ``x`` not a float array of
-            shape (n, I).
+            shape (n, I); ``out`` not a NumPy array of shape (n, O) and the
+            model's dtype, not C-contiguous, read-only, or overlapping the
+            pool's buffers.
         KeyError
             An id that names no open session (closed, stale, never given),
             or named twice. Nothing changes.
@@ -339,6 +350,8 @@ class StreamPool:
         if x.__class__ is not np.ndarray or x.dtype is not self._x.dtype \
                 or x.shape != (n, self._x.shape[1]):
             x = weights_mod.check_float_array(x, "x", (n, self._x.shape[1]), self._x.dtype)
+        if out is not None:
+            self._check_out(out, n)
         with self._lock:
             m = self.model
             if self._version != m.version:
@@ -355,7 +368,32 @@ class StreamPool:
             code = self._run(self._plan, n)
             if code:
                 self._raise_for(code, sids)
-            return self._out[:n]
+            if out is None:
+                return self._out[:n].copy()
+            out[...] = self._out[:n]
+            return out
+
+    def _check_out(self, out, n):
+        """Refuse an ``out`` that ``step`` of n sessions cannot write into."""
+        shape, dtype = (n, self._out.shape[1]), self._out.dtype
+        if out.__class__ is not np.ndarray and not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a NumPy array of shape {shape} and dtype "
+                            f"{dtype.name}, got {type(out).__name__}")
+        if out.shape != shape:
+            raise ValueError(f"out must have shape {shape}, got {out.shape}")
+        if out.dtype != dtype:
+            raise TypeError(f"out must have dtype {dtype.name} like the model, got "
+                            f"{out.dtype.name}")
+        if not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous, got strides {out.strides}")
+        if not out.flags.writeable:
+            raise ValueError("out must be writeable, got a read-only array")
+        if out is not self._out_ok:
+            if np.may_share_memory(out, self._states_ws._block) \
+                    or np.may_share_memory(out, self._work_ws._block):
+                raise ValueError("out overlaps the pool's own buffers (its states); pass an "
+                                 "array of your own")
+            self._out_ok = out
 
     @staticmethod
     def _check_sids(sids):

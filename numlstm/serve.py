@@ -157,10 +157,11 @@ class Batcher:
         Returns
         -------
         concurrent.futures.Future
-            Resolves to the session's output h_t (O,) (a row of an array
-            made for its step, not the pool's buffer); or to
-            the exception its step raised (KeyError when the session was
-            closed before its step).
+            Resolves to the session's output h_t (O,): the caller's own (a
+            row of an array made for its step, which no later step or other
+            caller's row shares); or to the exception its step raised
+            (KeyError when the session was closed before or during its
+            step).
 
         Raises
         ------
@@ -303,9 +304,9 @@ class Batcher:
         while live:
             n = len(live)
             try:
-                # One copy of the pool's buffer (which the next step overwrites) per
-                # step; each caller gets its row of it.
-                out = self.pool.step(self._sids[:n], self._x[:n]).copy()
+                # A new array per step (the pool's default): each caller gets its
+                # own row of it, which no later step touches.
+                out = self.pool.step(self._sids[:n], self._x[:n])
             except KeyError as e:
                 # A session closed since it was checked above: the pool stepped
                 # none, so step the others again without it.

@@ -3,7 +3,9 @@
 A ``Stream`` owns the state (h, c) of every layer for a fixed batch and the
 few buffers one step needs, all carved from one workspace block of the
 model's backend when it is made. ``step`` then makes one call for all layers
-and allocates nothing: on the CPU one compiled call with the arguments bound
+and returns its output as a new array (the caller's to keep); ``step(x,
+out=buf)`` writes it into the caller's buffer and allocates nothing. On the
+CPU the call is one compiled call with the arguments bound
 once in a ``numlstm.kernels.plan.StepPlan`` (docs/design.md, One call per
 stream step), on two threads when a batch-1 step outgrows one core
 (``numlstm.pair``); on the GPU one ``lstm_step`` launch per layer.
@@ -123,14 +125,16 @@ class Stream:
     @property
     def state(self):
         """Copies of the current state: h (L, B, O), c (L, B, H) (on the device
-        for a device stream)."""
+        for a device stream). The stream's own state is never handed out."""
         be = self._be
         h, c = be.empty(self._h.shape, self._h.dtype), be.empty(self._c.shape, self._c.dtype)
         be.copy(h, self._h)
         be.copy(c, self._c)
         return h, c
 
-    def step(self, x_t, *, to_host=False):
+    _out_ok = None  # the last ``out`` found not to overlap the stream's buffers
+
+    def step(self, x_t, *, to_host=False, out=None):
         """Advance every layer by one step.
 
         Parameters
@@ -141,18 +145,33 @@ class Stream:
             On the device, a device array of the model's dtype is read where
             it is.
         to_host : bool
-            Device streams: return a NumPy copy. Ignored on the CPU.
+            Device streams: return a NumPy array. Ignored on the CPU.
+        out : array (B, O), optional
+            Where to write the output: a C-contiguous, writeable array of the
+            model's dtype that is not the stream's own memory (a NumPy array
+            on the CPU or with ``to_host``, else a device array). Checked
+            before the step (a bad one changes nothing). The zero-allocation
+            path for loops that keep no output, or copy what they keep.
 
         Returns
         -------
         array (B, O)
-            The top layer's output h_t: a view of the stream's state buffer,
-            overwritten by the next step (copy it to keep it).
+            The top layer's output h_t: a new array, the caller's to keep
+            and change (later steps never touch it); ``out`` itself when given.
+
+        Raises
+        ------
+        TypeError, ValueError
+            ``x_t`` not a float array of shape (B, I); ``out`` of another
+            type, shape or dtype, not C-contiguous, read-only, or
+            overlapping the stream's buffers.
         """
         m = self.model
         if self._version != m.version:
             self._bind()
         if self._host:
+            if out is not None:
+                self._check_out(out, to_host=True)
             if m.layouts_stale:
                 m.refresh_layouts()
             x = self._x
@@ -166,20 +185,66 @@ class Stream:
                 x[...] = check_float_array(x_t, "x_t", x.shape, x.dtype)
             if self._run(self._plan):  # a two-thread step whose worker has left
                 self._pair.wake()
-            return self._h_layers[-1]
-        return self._device_step(x_t, to_host)
+            if out is None:
+                return self._h_layers[-1].copy()
+            out[...] = self._h_layers[-1]
+            return out
+        return self._device_step(x_t, to_host, out)
 
-    def _device_step(self, x_t, to_host):
+    def _check_out(self, out, to_host):
+        """Refuse an ``out`` that ``step`` cannot write its output into."""
+        be, h = self._be, self._h_layers[-1]
+        shape, dtype = tuple(h.shape), np.dtype(h.dtype)
+        if to_host or self._host:
+            if not isinstance(out, np.ndarray):
+                raise TypeError(f"out must be a NumPy array of shape {shape} and dtype "
+                                f"{dtype.name}, got {type(out).__name__}")
+            if out.shape != shape:
+                raise ValueError(f"out must have shape {shape}, got {out.shape}")
+            if out.dtype != dtype:
+                raise TypeError(f"out must have dtype {dtype.name} like the model, got "
+                                f"{out.dtype.name}")
+            if not out.flags.c_contiguous:
+                raise ValueError(f"out must be C-contiguous, got strides {out.strides}")
+            if not out.flags.writeable:
+                raise ValueError("out must be writeable, got a read-only array")
+            # An array's memory never changes: one that passed is not checked again.
+            if self._host and out is not self._out_ok:
+                if np.may_share_memory(out, self._ws._block):
+                    raise ValueError("out overlaps the stream's own buffers (its state); "
+                                     "pass an array of your own")
+                self._out_ok = out
+        else:
+            if not checks.is_device_array(out):
+                raise TypeError(f"out must be a device array of shape {shape} and dtype "
+                                f"{dtype.name} (or a NumPy array with to_host=True), got "
+                                f"{type(out).__name__}")
+            dout = be.check_device(be.as_device(out), "out", shape, dtype)
+            if _device_overlap(dout, self._ws._block):
+                raise ValueError("out overlaps the stream's own buffers (its state); pass "
+                                 "an array of your own")
+
+    def _device_step(self, x_t, to_host, out):
         """``step`` for a stream whose buffers are on the device."""
         be, x, plan = self._be, self._x, self._plan
+        if out is not None:
+            self._check_out(out, to_host)
         if checks.is_device_array(x_t):  # read where it is: layer 0's x for this step
             a = be.check_device(be.as_device(x_t), "x_t", x.shape, x.dtype)
             plan = (plan[0][:4] + (a,) + plan[0][5:],) + plan[1:]
         else:
             be.upload(x, check_float_array(x_t, "x_t", tuple(x.shape), x.dtype))
         self._run(plan)
-        out = self._h_layers[-1]
-        return be.to_host(out)[0] if to_host else out
+        h = self._h_layers[-1]
+        if to_host:
+            if out is None:
+                return be.to_host(h)[0]
+            out[...] = be.to_host(h)[0]
+            return out
+        if out is None:
+            out = be.empty(h.shape, h.dtype)
+        be.copy(be.as_device(out), h)
+        return out
 
     def __reduce__(self):
         """Copy and pickle by rebuilding: a stream's buffers are views into one
@@ -190,6 +255,21 @@ class Stream:
         ``copy.deepcopy`` and pickle carry a copy of it (a device model comes
         back on the CPU, as a pickled model does)."""
         return _rebuild_stream, (self.model, self.batch_size, self._be.to_host(*self.state))
+
+
+def _device_overlap(a, b):
+    """Whether device arrays ``a`` and ``b`` share any byte (their spans, by
+    their ``__cuda_array_interface__`` pointers)."""
+    if b is None:
+        return False
+    spans = []
+    for arr in (a, b):
+        # The simulator's device arrays are NumPy arrays underneath.
+        face = getattr(arr, "__cuda_array_interface__", None) or arr.__array_interface__
+        size = int(np.prod(face["shape"])) * np.dtype(face["typestr"]).itemsize
+        spans.append((face["data"][0], face["data"][0] + size))
+    (a0, a1), (b0, b1) = spans
+    return a0 < b1 and b0 < a1
 
 
 def _rebuild_stream(model, batch_size, state):

@@ -380,6 +380,37 @@ def test_stream_rebinds_after_load_state_dict():
         s.step(x)
 
 
+@device
+def test_device_stream_outputs_belong_to_the_caller():
+    """Each step returns a new device (or host) array: kept without a copy they
+    keep their values, and editing one changes no later step; ``out=`` takes
+    a device array, or a host one with ``to_host``, and is checked."""
+    cpu = make_model(2, 3, L=2)
+    dev = copy.deepcopy(cpu).to("cuda")
+    xs = np.random.default_rng(0).standard_normal((4, 1, 2))
+    ref = cpu.stream(1)
+    want = [ref.step(x) for x in xs]
+    s = dev.stream(1)
+    kept = [s.step(xs[0]), s.step(xs[1], to_host=True)]
+    dbuf, hbuf = cuda.device_array((1, 3)), np.empty((1, 3))
+    assert s.step(xs[2], out=dbuf) is dbuf and s.step(xs[3], to_host=True, out=hbuf) is hbuf
+    kept += [dbuf, hbuf]
+    kept[1] += 1  # a host result, edited: not the stream's
+    for t, (got, w) in enumerate(zip(kept, want, strict=True)):
+        assert_close(host(got) - (t == 1), w, np.float64, f"step {t}")
+    assert is_device_array(kept[0]) and is_device_array(dbuf)
+    state = host(s.state[0])
+    for error, message, kwargs in [
+        (TypeError, "out must be a device array", {"out": np.empty((1, 3))}),
+        (TypeError, "out must be a NumPy array", {"out": dbuf, "to_host": True}),
+        (ValueError, r"out must have shape \(1, 3\)", {"out": cuda.device_array((2, 3))}),
+        (ValueError, "out overlaps the stream's own buffers", {"out": s._h[1]}),
+    ]:
+        with pytest.raises(error, match=message):
+            s.step(xs[0], **kwargs)
+    np.testing.assert_array_equal(host(s.state[0]), state)  # a refused out: no step
+
+
 # ----------------------------------------------------------------------------
 # Optimizers on the device
 # ----------------------------------------------------------------------------

@@ -232,21 +232,23 @@ def test_weight_changes_are_seen():
 @pytest.mark.parametrize("kind,L,P,n", [("dense", 1, 0, 1), ("csr-int8", 3, 2, 6),
                                         ("bsr", 3, 0, 3), ("mixed", 2, 3, 8)])
 def test_warm_step_allocates_nothing(kind, L, P, n):
-    """No NRT allocation in the kernel call and no memory kept by the Python
-    side of a warm step (the returned view and its shape tuple come and go)."""
+    """Into ``out``: no NRT allocation in the kernel call and no memory kept
+    by the Python side of a warm step (views and shape tuples come and go)."""
     pool = StreamPool(_model(kind, L, P), 8, chunk=5)
     sids = np.array([pool.open() for _ in range(8)][::-1][:n])
     x = np.ones((n, I))
-    pool.step(sids, x)
-    assert nrt_allocations(lambda: pool.step(sids, x)) == 0
+    h = np.empty((n, pool.model.output_size))
+    assert pool.step(sids, x, out=h) is h
+    assert nrt_allocations(lambda: pool.step(sids, x, out=h)) == 0
+    assert nrt_allocations(lambda: pool.step(sids, x)) == 0  # a new output: NumPy's
     tracemalloc.start()
     try:
         for _ in range(1000):
-            pool.step(sids, x)
+            pool.step(sids, x, out=h)
         start, _ = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         for _ in range(5000):
-            pool.step(sids, x)
+            pool.step(sids, x, out=h)
         end, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
