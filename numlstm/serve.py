@@ -10,8 +10,9 @@ in one ``StreamPool.step``, then hands every thread its own output through a
 How long the worker waits: clients of a service typically send their next
 step soon after receiving their last output, so the sessions of the last
 batch are the ones expected back. After the oldest queued request arrived,
-the worker waits until as many requests are queued as the last batch
-stepped (capped at ``max_batch``), or ``max_delay`` seconds have passed,
+the worker waits until as many sessions have a request queued as the last
+batch stepped (capped at ``max_batch``: a batch takes one request of each),
+or ``max_delay`` seconds have passed,
 whichever comes first. A lone client thus never waits for company, and
 many clients, woken one after the other by their results, are still
 gathered into one step.
@@ -93,8 +94,8 @@ class Batcher:
         ``min(pool.capacity, 256)``.
     max_delay : float, optional
         Most seconds the worker waits, after the oldest queued request
-        arrived, for as many requests as the last step had (default 0.5 ms;
-        0 steps at once). A full batch never waits.
+        arrived, for as many sessions with a request queued as the last
+        step had (default 0.5 ms; 0 steps at once). A full batch never waits.
 
     Notes
     -----
