@@ -311,15 +311,15 @@ class Batcher:
             except KeyError as e:
                 # A session closed since it was checked above: the pool stepped
                 # none, so step the others again without it.
-                kept = [r for r in live if is_open(r.sid)]
-                if len(kept) == n:  # pragma: no cover - the ids were open and distinct
+                kept, closed = [], []
+                for r in live:  # one check each: a session may close meanwhile too
+                    (kept if is_open(r.sid) else closed).append(r)
+                if not closed:  # pragma: no cover - the ids were open and distinct
                     for r in live:
                         r.future.set_exception(e)
                     return
-                for r in live:
-                    if not is_open(r.sid):
-                        r.future.set_exception(KeyError(f"sid {r.sid} was closed during "
-                                                        "its step"))
+                for r in closed:
+                    r.future.set_exception(KeyError(f"sid {r.sid} was closed during its step"))
                 live = kept
                 for k, r in enumerate(live):
                     self._sids[k] = r.sid
