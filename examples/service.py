@@ -156,9 +156,14 @@ class _PoolSlot:
     def __init__(self, batcher, sid):
         self.batcher, self.pool, self.sid = batcher, batcher.pool, sid
 
-    def step(self, x_t):
-        """x_t (1, I) -> h_t (1, O), batched with the other sessions' steps."""
-        return self.batcher.submit(self.sid, x_t).result()[None]
+    def step(self, x_t, out=None):
+        """x_t (1, I) -> h_t (1, O) (into ``out`` when given), batched with the
+        other sessions' steps."""
+        h = self.batcher.submit(self.sid, x_t).result()
+        if out is None:
+            return h[None]
+        out[0] = h
+        return out
 
     @property
     def state(self):
@@ -184,8 +189,11 @@ class _NoopSlot:
         self.zeros = np.zeros((1, model.output_size), model.dtype)
         self.state = (np.zeros((1, 1, 1)), np.zeros((1, 1, 1)))
 
-    def step(self, x_t):
-        return self.zeros
+    def step(self, x_t, out=None):
+        if out is None:
+            return self.zeros.copy()
+        out[0] = 0
+        return out
 
     def reset(self, state=None):
         pass
@@ -373,7 +381,7 @@ class Service:
                 raise BadRequest(HTTPStatus.NOT_FOUND, f"no session {sid} (ended)")
             before = session.stream.state
             for t in range(len(x)):
-                out[t] = session.stream.step(x[t:t + 1])[0]
+                session.stream.step(x[t:t + 1], out=out[t:t + 1])
             if not np.isfinite(out).all():
                 # Finite inputs could still overflow inside the model: keep the
                 # session usable rather than NaN for every later step.

@@ -26,6 +26,7 @@ class Numlstm:
     def __init__(self, model, B):
         self.model = model
         self.s = model.stream(batch_size=B)
+        self.h = np.empty((B, model.output_size), model.dtype)  # stream's output buffer
 
     @classmethod
     def load(cls, path, B):
@@ -42,8 +43,9 @@ class Numlstm:
     def stream(self, xs):
         s = self.s
         s.reset()
+        h = self.h  # each step's output, reused: the zero-allocation path
         for xt in xs:
-            s.step(xt)
+            s.step(xt, out=h)
 
     def stream_outputs(self, xs):
         self.s.reset()
