@@ -18,3 +18,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # first step (the library's default compiles them in the background:
 # tests/test_compile.py tests that).
 os.environ.setdefault("NUMLSTM_PAIR_COMPILE", "now")
+
+
+# Tests that start processes of their own (the benchmarks' quick run, the
+# examples) run last: by then this run has filled the kernel cache those
+# processes share ($XDG_CACHE_HOME/numlstm), so they load kernels instead of
+# compiling them again.
+_LAST = ("test_benchmarks_smoke.py", "test_examples.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.path.name in _LAST)
