@@ -51,6 +51,25 @@ def _positive_int(text):
     return value
 
 
+# The demo trains a character model for a minute: past this H it would
+# neither fit a minute nor a small machine's memory.
+DEMO_MAX_HIDDEN = 4096
+
+
+def _seed(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _hidden(text):
+    value = _positive_int(text)
+    if value > DEMO_MAX_HIDDEN:
+        raise argparse.ArgumentTypeError(f"must be at most {DEMO_MAX_HIDDEN}, got {text}")
+    return value
+
+
 def _fraction(text):
     value = float(text)
     if not 0 <= value < 1:
@@ -83,9 +102,9 @@ def build_parser():
                     "loss, weight bytes and streaming latency at batch 1.")
     demo.add_argument("--seconds", type=_positive_float, default=45.0,
                       help="wall-clock budget, numba compilation included (default 45)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--hidden", type=_positive_int, default=128,
-                      help="hidden size H (default 128)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    demo.add_argument("--hidden", type=_hidden, default=128,
+                      help=f"hidden size H, at most {DEMO_MAX_HIDDEN} (default 128)")
     demo.add_argument("--steps", type=_positive_int, default=None,
                       help="exact dense training steps instead of the time budget")
     demo.add_argument("--quiet", action="store_true", help="print only the final table")
@@ -165,11 +184,9 @@ def build_parser():
 def main(argv=None):
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
     try:
-        return {"info": _info, "prune": _prune, "quantize": _quantize,
-                "convert": _convert, "compile": _compile}[args.command](args)
+        return {"info": _info, "prune": _prune, "quantize": _quantize, "convert": _convert,
+                "compile": _compile, "demo": _demo}[args.command](args)
     except KeyboardInterrupt:
         print(f"numlstm {args.command}: interrupted", file=sys.stderr)
         return 130

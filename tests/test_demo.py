@@ -55,3 +55,26 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", "-1"), ("--hidden", "100000000"),
+                                        ("--hidden", "0"), ("--seconds", "nan")])
+def test_demo_arguments_out_of_range_get_a_message_not_a_traceback(capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+
+
+def test_a_demo_failure_is_one_line(monkeypatch, capsys):
+    """The demo runs inside the CLI's error handling, as every subcommand."""
+    import numlstm.demo
+
+    def fail(**kwargs):
+        raise MemoryError("Unable to allocate 9.3 TiB")
+    monkeypatch.setattr(numlstm.demo, "run_demo", fail)
+    assert cli.main(["demo", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("numlstm demo: error:") and "9.3 TiB" in err
+    assert len(err.splitlines()) == 1
