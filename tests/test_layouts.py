@@ -210,3 +210,36 @@ def test_quantized_streams_with_and_without_the_step_copy_agree(monkeypatch):
         copies = [isinstance(w.step_layout(), layouts.SellWindows) for w in m.weights().values()]
         assert any(copies) == (copy and bool(WINDOW))  # the two runs differ in their layouts
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+# The cost model fed two CPUs' figures, not only the host's: an AVX2 core with
+# a 512 KiB L2 (a Zen 3) and an AVX-512 core with a 2 MiB L2 (an Emerald Rapids).
+CPUS = [("avx2", 512 * 2**10), ("avx512", 2 * 2**20)]
+
+
+@pytest.mark.parametrize("isa,l2", CPUS)
+def test_auto_picks_the_layout_the_cost_model_prices_lowest(monkeypatch, isa, l2):
+    monkeypatch.setattr(layouts, "step_costs", lambda: config.STEP_COSTS[isa])
+    monkeypatch.setattr(layouts, "L2_BYTES", l2)
+    rng = np.random.default_rng(0)
+    for R, C, density in [(1024, 64, 0.1), (1024, 256, 0.1), (1024, 256, 0.5),
+                          (4096, 1024, 0.1), (256, 64, 0.01)]:
+        a = sp.random(R, C, density, format="csr", random_state=rng, dtype=np.float32)
+        a.sort_indices()
+        w = W.CSR(a.data, a.indices.astype(np.int32), a.indptr.astype(np.int32), (R, C))
+        est = {}
+        for kind in FORCED:
+            layout = layouts.build(w, kind)
+            est[kind] = (layouts.dense_cost(w.shape, 4) if isinstance(layout, W.Dense)
+                         else layouts.cost(w, layout))
+        chosen = layouts.build(w, "auto")
+        kind = ("dense" if isinstance(chosen, W.Dense) else "csr" if chosen is None
+                else "windows" if isinstance(chosen, layouts.SellWindows) else "sell")
+        assert est[kind] == min(est.values()), (R, C, density, est, kind)
+        # Past L2 a product costs at least its bytes streamed (the roofline).
+        nbytes = R * C * 4
+        if nbytes > l2:
+            assert est["dense"] >= nbytes * config.STEP_COSTS[isa]["stream_byte"]
+        # A sparser weight is never priced above dense on the same CPU.
+        if density <= 0.1:
+            assert min(est.values()) < est["dense"], (R, C, density, est)
