@@ -10,11 +10,18 @@ Three independent savings on a CSR weight:
   the model still trains);
 * values as float16 (relative error <= 2**-11 per weight);
 * values as int8 with one symmetric scale per row, the scale stored as
-  float16: ``value = q * scale[row]``, ``scale[row] ~ max |row| / 127``,
-  q in [-127, 127] (error <= 0.57 scale per weight: half a step, plus the
-  scale's own 2**-11 rounding over at most 127 steps). A row with |w| beyond
-  127 * 65504 ~ 8.3e6 would need an infinite scale: ``quantize`` refuses it
-  with a ValueError naming the weight, and the model is left as it was.
+  float16: ``value = q * scale[row]``, q in [-127, 127], ``scale[row]`` the
+  smallest float16 >= max |row| / 127 (rounded up, so the largest value
+  needs no clipping, and never below float16's smallest subnormal 2**-24,
+  so it cannot underflow to 0). q is rounded against that stored scale:
+  the error is at most half a step, ``scale[row] / 2``, per weight, which is
+  <= max |row| / 254 * (1 + 2**-10) + 2**-25. The first term rules down to
+  max |row| ~ 127 * 2**-14 ~ 7.8e-3, where float16 scales are normal; below
+  that, their fixed 2**-24 spacing makes the absolute 2**-25 (~3e-8) the
+  bound (a row with max |row| <= 2**-25 stores zeros, each within it). A
+  row with |w| beyond 127 * 65504 ~ 8.3e6 would need an infinite scale:
+  ``quantize`` refuses it with a ValueError naming the weight, and the
+  model is left as it was.
 
 Kernels read these kinds directly and convert each value in a register; no
 dense or float32 copy is ever made. A model with float16 or int8 values is
@@ -86,11 +93,14 @@ def quantize_weight(weight, values, indices="auto", name="weight"):
     """A new ``weights_mod.CSR`` with the requested value and index storage.
 
     ``weight`` may itself be quantized: values are requantized from its
-    dequantized form. Raises ValueError naming ``name`` if ``indices="uint16"``
-    and the weight has more than 65536 columns, if float16 cannot hold a
-    value (|w| > 65504), or, for int8, if a row's float16 scale would overflow
-    (|w| beyond 127 * 65504 ~ 8.3e6): such a weight is refused, never stored
-    with an infinite scale (a file ``load`` would reject).
+    dequantized form. int8 values come within half their row's scale step
+    of the float values (the module docstring gives the bound, down to
+    subnormal magnitudes). Raises ValueError naming ``name`` if
+    ``indices="uint16"`` and the weight has more than 65536 columns, if
+    float16 cannot hold a value (|w| > 65504), or, for int8, if a row's
+    float16 scale would overflow (|w| beyond 127 * 65504 ~ 8.3e6): such a
+    weight is refused, never stored with an infinite scale (a file ``load``
+    would reject).
     """
     R, C = weight.shape
     if indices == "uint16" and C > _UINT16_COLUMNS:
@@ -107,8 +117,7 @@ def quantize_weight(weight, values, indices="auto", name="weight"):
         rows = np.repeat(np.arange(R), np.diff(weight.indptr))
         peak = np.zeros(R, weight.dtype)
         np.maximum.at(peak, rows, np.abs(data))
-        with np.errstate(over="ignore"):  # checked just below
-            scales = np.where(peak > 0, peak / 127, 1).astype(np.float16)
+        scales = _int8_scales(peak)
         if not np.all(np.isfinite(scales)):
             # An infinite scale would run, save, then be refused by load:
             # refuse it here, naming the weight, and leave the model as it was.
@@ -117,11 +126,33 @@ def quantize_weight(weight, values, indices="auto", name="weight"):
                 f"{name} cannot be stored as int8: row {row} has |w| up to "
                 f"{float(peak[row]):g}, and its float16 scale (max |w| / 127) overflows "
                 f"past |w| = {_INT8_MAX_ABS:g}; keep its float values (values=None)")
+        # Rounded against the stored scale, so its own rounding adds no error; the
+        # scale is >= max |row| / 127, so the clip only absorbs the division's last bit.
         data = np.clip(np.rint(data / scales[rows].astype(weight.dtype)), -127, 127) \
             .astype(np.int8)
     else:
         data = np.array(data, dtype=weight.dtype)
     return weights_mod.CSR(data, index, indptr, weight.shape, dtype=weight.dtype, scales=scales)
+
+
+def _int8_scales(peak):
+    """The float16 row scales (R,) of int8 values for rows whose largest |w| is
+    ``peak`` (R,): the smallest float16 >= peak / 127 (inf past float16's
+    range, which the caller refuses), 1 for an all-zero row.
+
+    Rounding to nearest could land below peak / 127, and then the row's
+    largest values would clip at q = 127, by up to a whole scale step per
+    127 steps and far more where float16 is subnormal (its spacing 2**-24
+    is then coarse next to the scale) or where peak / 127 underflows to 0.
+    Rounding up keeps every |w| / scale <= 127 and the scale > 0.
+    """
+    target = peak.astype(np.float64) / 127
+    with np.errstate(over="ignore"):  # inf is the caller's to refuse
+        scales = target.astype(np.float16)
+    low = scales.astype(np.float64) < target
+    scales[low] = np.nextafter(scales[low], np.float16(np.inf))
+    scales[peak == 0] = 1
+    return scales
 
 
 def half_dense(weight, name="weight"):

@@ -16,6 +16,7 @@ import struct
 import sys
 import threading
 import tracemalloc
+import warnings
 import zipfile
 import zlib
 
@@ -445,3 +446,50 @@ def test_saving_onto_a_fifo_is_refused(tmp_path):
     with pytest.raises(OSError, match="is a FIFO"):
         numlstm.save(MODELS["dense"], fifo)
     assert stat.S_ISFIFO(fifo.stat().st_mode) and os.listdir(tmp_path) == ["pipe"]
+
+
+@pytest.mark.parametrize("layout", ["csr", "sell", "windows", "dense"])
+def test_int8_rows_of_tiny_weights_keep_their_bound_and_run(tmp_path, layout, monkeypatch):
+    from numlstm import config
+    monkeypatch.setattr(config, "STEP_LAYOUT", layout)  # read when the weight is stored
+    monkeypatch.setattr(config, "DENSE_FOR_QUANTIZED", layout == "dense")
+    # One row per magnitude, from float16-normal scales down to float32 subnormals:
+    # the float16 scale max|row| / 127 would round down (clipping the row's largest
+    # values) or underflow to 0 (a row of zeros and a divide-by-zero warning).
+    peaks = [0.5, 1e-2, 1e-3, 1e-4, 1e-5, 2e-6, 1e-7, 2**-25, 1e-9, 1e-30, 1e-40]
+    model = numlstm.LSTM(5, 4, seed=0)
+    prune.magnitude(model, 0.25)
+    w = model.weights()["weight_ih_l0"]
+    rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+    for r, peak in enumerate(peaks):
+        w.values[rows == r] *= np.float32(peak) / np.max(np.abs(w.values[rows == r]))
+    before = w.values.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divide-by-zero or overflow warning
+        quantize(model, "int8")
+    q = model.weights()["weight_ih_l0"]
+    err = np.abs(q.dequantized().astype(np.float64) - before)
+    scale = q.scales.astype(np.float64)[rows]
+    peak = np.asarray(peaks)[rows[rows < len(peaks)]]
+    assert np.all(scale > 0)
+    assert np.all(err <= scale / 2 * (1 + 2**-20))  # half a step of the stored scale
+    # ... which is the documented bound: max|row| / 254 * (1 + 2**-10) + 2**-25.
+    assert np.all(err[rows < len(peaks)] <= peak / 254 * (1 + 2**-10) + 2**-25)
+    nonzero = np.abs(before) > 2**-25  # a value beyond half the smallest step survives
+    assert np.all(q.dequantized()[nonzero] != 0)
+    # The kernels (forward, per-step and batched, and a stream) run exactly the
+    # dequantized values, and so does the model loaded back from its file.
+    ref = numlstm.LSTM(5, 4, seed=0)
+    ref.load_state_dict(model.state_dict())
+    x = np.random.default_rng(0).standard_normal((6, 5, 5)).astype(np.float32)
+    numlstm.save(model, tmp_path / "q.npz")
+    loaded = numlstm.load(tmp_path / "q.npz")
+    assert loaded.weights()["weight_ih_l0"].scales.tobytes() == q.scales.tobytes()
+    for B in (1, 5):
+        want = ref(x[:, :B])[0]
+        np.testing.assert_allclose(model(x[:, :B])[0], want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(loaded(x[:, :B])[0], model(x[:, :B])[0])
+    s = model.stream(1)
+    for t in range(6):
+        out = s.step(x[t, :1])
+    np.testing.assert_allclose(out, ref(x[:, :1])[0][-1], rtol=1e-5, atol=1e-7)
