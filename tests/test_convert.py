@@ -462,3 +462,114 @@ def test_from_onnx_glue_that_does_not_concatenate_directions_breaks_the_chain():
     models = convert.from_onnx(proto)
     assert isinstance(models, list) and [m.input_size for m in models] == [3, 8]
     assert all(m.num_layers == 1 and m.bidirectional for m in models)
+
+
+# Hostile graphs: malformed ONNX is refused, naming the node, in time linear in its size.
+
+def _with_glue(proto, glue):
+    """``proto`` (``lstm_graph``) with ``glue`` nodes appended after its LSTM node."""
+    proto.graph.node.extend(glue)
+    return proto
+
+
+def test_from_onnx_refuses_two_nodes_with_one_output_name():
+    pytest.importorskip("onnx")
+    from onnx import helper
+
+    # Pairs of Identity nodes defining the same name: each pair doubled the paths the
+    # chain search followed (40 pairs, a 2 KB file, ran for minutes). 16 pairs keep a
+    # walk that followed every path to 65536 of them, so this cannot hang either way.
+    glue = []
+    for k in range(16):
+        glue += [helper.make_node("Identity", [f"Y{k}" if k else "Y"], [f"Y{k + 1}"],
+                                  name=f"id{k}{side}") for side in "ab"]
+    with pytest.raises(ValueError, match=r"Identity node 'id0b': output 'Y1' is also the "
+                                         r"output of Identity node 'id0a'; an ONNX graph "
+                                         r"defines each value once"):
+        convert.from_onnx(_with_glue(lstm_graph(), glue))
+    # Unnamed nodes are named by their position; an initializer or graph input redefined.
+    for source, what in (("W", "an initializer"), ("X", "a graph input")):
+        proto = _with_glue(lstm_graph(), [helper.make_node("Identity", ["Y"], [source])])
+        with pytest.raises(ValueError, match=rf"Identity node #1: output '{source}' is also "
+                                             rf"{what}"):
+            convert.from_onnx(proto)
+    proto = lstm_graph()
+    proto.graph.initializer.append(proto.graph.initializer[0])
+    with pytest.raises(ValueError, match=r"initializer 'W' is given twice"):
+        convert.from_onnx(proto)
+
+
+@pytest.mark.parametrize("case", ["identities", "glue", "self", "through_lstm"])
+def test_from_onnx_refuses_a_cycle(case):
+    pytest.importorskip("onnx")
+    from onnx import helper
+
+    proto = lstm_graph()
+    if case == "identities":  # Identity Y -> Z -> Y below the LSTM: a RecursionError
+        glue = [helper.make_node("Identity", ["Y"], ["Z"], name="fwd"),
+                helper.make_node("Identity", ["Z"], ["Y"], name="back")]
+        with pytest.raises(ValueError, match=r"Identity node 'back': output 'Y' is also the "
+                                             r"output of LSTM node 'lstm'"):
+            convert.from_onnx(_with_glue(proto, glue))
+        return
+    if case == "glue":  # a cycle through Add, which the chain search does not enter
+        glue = [helper.make_node("Add", ["Y", "Z"], ["Y2"], name="add"),
+                helper.make_node("Identity", ["Y2"], ["Z"], name="back")]
+        match = r"cycle: Add node 'add' -> Identity node 'back' -> Add node 'add'"
+    elif case == "self":
+        glue = [helper.make_node("Identity", ["Z"], ["Z"], name="loop")]
+        match = r"cycle: Identity node 'loop' -> Identity node 'loop'"
+    else:  # the LSTM reads its own output: it would chain to itself
+        proto.graph.node[0].input[0] = "X2"
+        glue = [helper.make_node("Identity", ["Y"], ["X2"], name="back")]
+        match = r"cycle: (LSTM node 'lstm' -> Identity node 'back'|Identity node 'back' -> " \
+                r"LSTM node 'lstm')"
+    with pytest.raises(ValueError, match=match + r".*an ONNX graph is acyclic"):
+        convert.from_onnx(_with_glue(proto, glue))
+
+
+@pytest.mark.parametrize("attrs,match", [
+    (dict(activations=[1, 2, 3]), r"activations must be a list of strings, got a list of "
+                                  r"ints \[1, 2, 3\]"),
+    (dict(activations=5), r"activations must be a list of strings, got an int 5"),
+    (dict(clip=[1.0]), r"clip must be a float, got a list of floats \[1.0\]"),
+    (dict(activation_alpha="0.5"), r"activation_alpha must be a list of floats, got a "
+                                   r"string b'0.5'"),
+    (dict(direction=1), r"direction must be a string, got an int 1"),
+    (dict(layout=[0]), r"layout must be an int, got a list of ints \[0\]"),
+    (dict(input_forget=1.0), r"input_forget must be an int, got a float 1.0"),
+    (dict(activations=[b"\xff", b"Tanh", b"Tanh"]), r"activations must be UTF-8 text"),
+])
+def test_from_onnx_refuses_lstm_attributes_of_the_wrong_type(attrs, match):
+    pytest.importorskip("onnx")
+    with pytest.raises(ValueError, match=r"LSTM node 'lstm': attribute " + match):
+        convert.from_onnx(lstm_graph(**attrs))
+
+
+def test_from_onnx_refuses_glue_and_constant_attributes_of_the_wrong_type():
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    proto = convert.to_onnx(numlstm.LSTM(3, 4, 2, seed=0))  # LSTM, Transpose, Reshape, LSTM
+    k = next(i for i, n in enumerate(proto.graph.node) if n.op_type == "Transpose")
+    perm = proto.graph.node[k].attribute[0]
+    perm.CopyFrom(helper.make_attribute("perm", [0.0, 2.0, 1.0, 3.0]))
+    with pytest.raises(ValueError, match=rf"Transpose node #{k}: attribute perm must be a list "
+                                         r"of ints, got a list of floats"):
+        convert.from_onnx(proto)
+    proto = lstm_graph(weights_as="constant")
+    const = proto.graph.node[0]
+    const.attribute[0].CopyFrom(helper.make_attribute("value", 1.0))
+    with pytest.raises(ValueError, match=r"Constant node #0: attribute value must be a "
+                                         r"tensor, got a float 1.0"):
+        convert.from_onnx(proto)
+    proto = lstm_graph()
+    proto.graph.node[0].attribute[0].CopyFrom(helper.make_attribute("hidden_size", 4.0))
+    with pytest.raises(ValueError, match=r"LSTM node 'lstm': attribute hidden_size must be an "
+                                         r"int, got a float 4.0"):
+        convert.from_onnx(proto)
+    proto = lstm_graph(clip=1.0)
+    proto.graph.node[0].attribute.append(helper.make_attribute("clip", 2.0))
+    with pytest.raises(ValueError, match=r"LSTM node 'lstm': attribute clip is given twice"):
+        convert.from_onnx(proto)
+    assert onnx  # imported for the skip

@@ -25,6 +25,22 @@ _TAKES_ALPHA = {"affine", "hardsigmoid", "leakyrelu", "thresholdedrelu", "scaled
 _TAKES_BETA = {"affine", "hardsigmoid", "scaledtanh"}
 _TO_ONNX_NAMES = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu",
                   "hard_sigmoid": "HardSigmoid", "affine": "Affine"}
+# The type of each attribute read here (onnx.AttributeProto.AttributeType's
+# numbers, so that checking them needs no onnx import): one of another type
+# is an error naming the node, never a value of the wrong kind used as it is.
+_FLOAT, _INT, _STRING, _TENSOR, _FLOATS, _INTS, _STRINGS = 1, 2, 3, 4, 6, 7, 8
+_TYPE_NAMES = {0: "no type", 1: "a float", 2: "an int", 3: "a string", 4: "a tensor",
+               5: "a graph", 6: "a list of floats", 7: "a list of ints",
+               8: "a list of strings", 9: "a list of tensors", 10: "a list of graphs",
+               11: "a sparse tensor", 12: "a list of sparse tensors", 13: "a type proto",
+               14: "a list of type protos"}
+_LSTM_ATTRS = {"activation_alpha": _FLOATS, "activation_beta": _FLOATS,
+               "activations": _STRINGS, "clip": _FLOAT, "direction": _STRING,
+               "hidden_size": _INT, "input_forget": _INT, "layout": _INT}
+_GLUE_ATTRS = {"Transpose": {"perm": _INTS}, "Reshape": {"allowzero": _INT},
+               "Squeeze": {"axes": _INTS}, "Unsqueeze": {"axes": _INTS}}
+_CONSTANT_ATTRS = {"value": _TENSOR, "value_float": _FLOAT, "value_floats": _FLOATS,
+                   "value_int": _INT, "value_ints": _INTS}
 
 
 def _gates(a, H, order, dtype=None):
@@ -46,20 +62,138 @@ def _load(model_or_path):
                     f"serialized bytes of a model, got {type(model_or_path).__name__}")
 
 
-def _constants(graph):
-    """name -> NumPy array of every initializer and Constant node output."""
-    from onnx import helper, numpy_helper
+def _label(node, index):
+    """How messages name a node: its name, else its position in graph.node."""
+    return f"{node.op_type} node {node.name!r}" if node.name else \
+        f"{node.op_type} node #{index}"
 
-    out = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+
+def _is_default(node):
+    return node.domain in ("", "ai.onnx")
+
+
+def _attributes(node, where, types):
+    """name -> Python value of each attribute of ``node`` named in ``types``
+    (name -> the AttributeProto type it must have); others are not read.
+    Strings come back as str. ValueError naming ``where`` for an attribute
+    given twice, of another type, or a string that is not UTF-8."""
+    from onnx import helper
+
+    out, seen = {}, set()
+    for a in node.attribute:
+        if a.name in seen:
+            raise ValueError(f"{where}: attribute {a.name} is given twice")
+        seen.add(a.name)
+        want = types.get(a.name)
+        if want is None:
             continue
-        for attr in node.attribute:
-            value = helper.get_attribute_value(attr)
-            if attr.name == "value":
-                out[node.output[0]] = numpy_helper.to_array(value)
-            elif attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-                out[node.output[0]] = np.array(value)
+        if a.type != want:
+            try:
+                shown = repr(helper.get_attribute_value(a))
+                shown = " " + (shown if len(shown) <= 60 else shown[:57] + "...")
+            except Exception:  # an undefined type has no value to show
+                shown = ""
+            raise ValueError(f"{where}: attribute {a.name} must be {_TYPE_NAMES[want]}, "
+                             f"got {_TYPE_NAMES.get(a.type, f'type {a.type}')}{shown}")
+        value = helper.get_attribute_value(a)
+        try:
+            if want == _STRING:
+                value = value.decode()
+            elif want == _STRINGS:
+                value = [v.decode() for v in value]
+        except UnicodeDecodeError:
+            raise ValueError(f"{where}: attribute {a.name} must be UTF-8 text, got "
+                             f"{value!r}") from None
+        out[a.name] = value
+    return out
+
+
+def _check_graph(graph):
+    """Check that every value of ``graph`` has one definition and that its nodes
+    form no cycle, so that walking it terminates and visits each node once.
+
+    Raises ValueError naming the node for an output name that is already a
+    graph input, an initializer or another node's output (ONNX defines each
+    value once; two producers of a name would also make every path through
+    them count twice), and for a cycle (e.g. Identity Y -> Z -> Y), listing
+    its nodes.
+    """
+    inputs = {v.name for v in graph.input}
+    initializers = set()
+    for init in graph.initializer:
+        if init.name in initializers:
+            raise ValueError(f"initializer {init.name!r} is given twice; an ONNX graph "
+                             "defines each value once")
+        initializers.add(init.name)
+    nodes = graph.node
+    producer = {}
+    for i, node in enumerate(nodes):
+        for name in node.output:
+            if not name:  # an optional output left out
+                continue
+            if name in producer:
+                j = producer[name]
+                raise ValueError(f"{_label(node, i)}: output {name!r} is also the output of "
+                                 f"{_label(nodes[j], j)}; an ONNX graph defines each value "
+                                 "once")
+            if name in inputs or name in initializers:
+                what = "a graph input" if name in inputs else "an initializer"
+                raise ValueError(f"{_label(node, i)}: output {name!r} is also {what}; an "
+                                 "ONNX graph defines each value once")
+            producer[name] = i
+    # Kahn's algorithm: a node is ready once all its producers are placed.
+    deps = [{producer[n] for n in node.input if n in producer} for node in nodes]
+    users = [[] for _ in nodes]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    placed = 0
+    while ready:
+        j = ready.pop()
+        placed += 1
+        for i in users[j]:
+            waiting[i] -= 1
+            if waiting[i] == 0:
+                ready.append(i)
+    if placed < len(nodes):
+        # Every node left waits on a producer that is left too: following them
+        # from any of them must come back to a node already seen, on a cycle.
+        i = next(k for k, w in enumerate(waiting) if w)
+        path, at = [], {}
+        while i not in at:
+            at[i] = len(path)
+            path.append(i)
+            i = min(j for j in deps[i] if waiting[j])
+        cycle = path[at[i]:][::-1]  # in the direction values flow
+        first = cycle.index(min(cycle))  # from its first node in graph order
+        cycle = cycle[first:] + cycle[:first]
+        names = " -> ".join(_label(nodes[k], k) for k in cycle + cycle[:1])
+        raise ValueError(f"the graph has a cycle: {names}; an ONNX graph is acyclic")
+
+
+def _constants(graph):
+    """name -> NumPy array of every initializer and Constant node output;
+    ValueError naming the initializer or node whose tensor cannot be read."""
+    from onnx import numpy_helper
+
+    def array(tensor, where):
+        try:
+            return numpy_helper.to_array(tensor)
+        except Exception as e:  # onnx raises assorted types for malformed tensors
+            raise ValueError(f"{where}: its tensor cannot be read: {e}") from None
+
+    out = {init.name: array(init, f"initializer {init.name!r}") for init in graph.initializer}
+    for k, node in enumerate(graph.node):
+        if node.op_type != "Constant" or not _is_default(node):
+            continue
+        where = _label(node, k)
+        attrs = _attributes(node, where, _CONSTANT_ATTRS)
+        if len(attrs) != 1 or len(node.output) != 1:  # ONNX's Constant: one value, one output
+            continue
+        (name, value), = attrs.items()
+        out[node.output[0]] = array(value, where) if name == "value" else np.array(value)
     return out
 
 
@@ -96,19 +230,10 @@ class _Node:
     """One ONNX LSTM node, checked and converted to numlstm's layout."""
 
     def __init__(self, node, index, consts, dtype):
-        from onnx import helper
-
         self.node = node
-        where = f"LSTM node {node.name!r}" if node.name else f"LSTM node #{index}"
+        where = _label(node, index)
         self.where = where
-        attrs = {}
-        for a in node.attribute:
-            v = helper.get_attribute_value(a)
-            if isinstance(v, bytes):
-                v = v.decode()
-            elif isinstance(v, list) and v and isinstance(v[0], bytes):
-                v = [s.decode() for s in v]
-            attrs[a.name] = v
+        attrs = _attributes(node, where, _LSTM_ATTRS)
         inputs = list(node.input) + [""] * (8 - len(node.input))
         direction = attrs.get("direction", "forward")
         if direction not in ("forward", "reverse", "bidirectional"):
@@ -180,11 +305,9 @@ class _Node:
                                 _gates(Rt[d], H, _FROM_ONNX, dtype), b_ih, b_hh))
 
 
-def _simulate(value, node, consts):
-    """Apply one shape-glue node to a NumPy array; None when it cannot be known."""
-    from onnx import helper
-
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+def _simulate(value, node, attrs, consts):
+    """Apply one shape-glue node (its attributes ``attrs``, type-checked) to a
+    NumPy array; None when it cannot be known."""
     op = node.op_type
 
     def axes_of():
@@ -220,8 +343,12 @@ def _simulate(value, node, consts):
 
 
 def _chains_to(a, b, glue, consts):
-    """Whether the glue nodes turn a's Y into b's X exactly as a stacked LSTM
-    does (directions concatenated on the feature axis), checked on a probe."""
+    """Whether the glue nodes ((node, graph index) pairs) turn a's Y into b's X
+    exactly as a stacked LSTM does (directions concatenated on the feature
+    axis), checked on a probe. ValueError naming a glue node whose
+    attributes have the wrong type."""
+    attrs = [_attributes(node, _label(node, k), _GLUE_ATTRS.get(node.op_type, {}))
+             for node, k in glue]
     T, B = 3, 5
     D, H = a.D, a.H
     y = np.arange(T * D * B * H, dtype=np.float64)
@@ -232,8 +359,8 @@ def _chains_to(a, b, glue, consts):
         want = want.transpose(1, 0, 2)
     value = y
     try:
-        for node in glue:
-            value = _simulate(value, node, consts)
+        for (node, _), node_attrs in zip(glue, attrs, strict=True):
+            value = _simulate(value, node, node_attrs, consts)
             if value is None:
                 return False
     except (ValueError, KeyError, IndexError, TypeError):  # AxisError is a ValueError
@@ -242,23 +369,38 @@ def _chains_to(a, b, glue, consts):
 
 
 def _successor(a, nodes, consumers, consts):
-    """The LSTM node that a's output Y feeds as the next layer, or None."""
+    """The LSTM node that a's output Y feeds as the next layer, or None.
+
+    ``consumers``: value name -> (node, input position, graph index) of each
+    node reading it. The graph has passed ``_check_graph`` (one producer per
+    value, no cycle), so the glue below Y is a tree: the walk visits each of
+    its nodes once, and keeps a parent link per node rather than a path."""
     y = a.node.output[0] if len(a.node.output) else ""
     if not y:
         return None
     found = []
-
-    def walk(name, path):
-        for node, idx in consumers.get(name, ()):
-            if node.op_type == "LSTM" and idx == 0:
-                found.append((node, path))
-            elif node.op_type in _GLUE and idx == 0 and node.output:
-                walk(node.output[0], path + [node])
-
-    walk(y, [])
+    parent = {}  # id(glue node) -> (node, graph index) of the glue node before it, or None
+    stack = [(y, None)]
+    while stack:
+        name, via = stack.pop()
+        for node, idx, k in consumers.get(name, ()):
+            if idx != 0 or not _is_default(node):
+                continue
+            if node.op_type == "LSTM":
+                found.append((node, via))
+            elif node.op_type in _GLUE and node.output and id(node) not in parent:
+                parent[id(node)] = via
+                stack.append((node.output[0], (node, k)))
+        if len(found) > 1:
+            return None
     if len(found) != 1:
         return None
-    target, glue = found[0]
+    target, via = found[0]
+    glue = []
+    while via is not None:
+        glue.append(via)
+        via = parent[id(via[0])]
+    glue.reverse()
     b = nodes.get(id(target))
     if b is None or (a.reverse, a.options) != (b.reverse, b.options):
         return None  # one model shares its direction and cell options across layers
@@ -315,24 +457,32 @@ def from_onnx(model_or_path, *, dtype=np.float32, batch_first=None):
     Rejected with ValueError naming the node and the input or attribute:
     other activations (LeakyRelu, ThresholdedRelu, ScaledTanh, Elu, Softsign,
     Softplus), activations that differ between the two directions, W / R /
-    B / P computed at run time.
+    B / P computed at run time, and attributes of another type than ONNX's
+    (``activations`` must be strings, ``clip`` a float, ``activation_alpha``
+    floats, ...; on LSTM, glue and Constant nodes). Malformed graphs are
+    rejected before any node is read, in time linear in their size: a value
+    defined twice (two nodes with one output name) and a cycle. A node
+    without a name is named by its position in ``graph.node`` (``LSTM node
+    #3``).
     """
     from numlstm.lstm import LSTM
 
     dtype = check_dtype(dtype)
     graph = _load(model_or_path).graph
+    _check_graph(graph)
     consts = _constants(graph)
-    lstm_nodes = [n for n in graph.node if n.op_type == "LSTM" and n.domain in ("", "ai.onnx")]
+    lstm_nodes = [(k, n) for k, n in enumerate(graph.node)
+                  if n.op_type == "LSTM" and _is_default(n)]
     if not lstm_nodes:
         raise ValueError("model_or_path must contain an ONNX LSTM node, got none among "
                          f"{len(graph.node)} nodes")
-    parsed = [_Node(n, k, consts, dtype) for k, n in enumerate(lstm_nodes)]
+    parsed = [_Node(n, k, consts, dtype) for k, n in lstm_nodes]
     nodes = {id(p.node): p for p in parsed}
     consumers = {}
-    for node in graph.node:
+    for k, node in enumerate(graph.node):
         for idx, name in enumerate(node.input):
             if name:
-                consumers.setdefault(name, []).append((node, idx))
+                consumers.setdefault(name, []).append((node, idx, k))
     nxt = {id(p): _successor(p, nodes, consumers, consts) for p in parsed}
     has_prev = {id(s) for s in nxt.values() if s is not None}
     models = []
