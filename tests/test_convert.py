@@ -183,6 +183,85 @@ def test_torch_errors():
         convert.to_torch(torch.nn.LSTM(2, 3))
 
 
+def _sparse_state(torch, H, I, layout="coo"):
+    """An nn.LSTM state dict of sparse tensors: two values per weight, one per bias."""
+    state = {}
+    for k, shape in (("weight_ih_l0", (4 * H, I)), ("weight_hh_l0", (4 * H, H))):
+        w = torch.sparse_coo_tensor(torch.tensor([[0, 5, 5], [1, 2, 2]]),
+                                    torch.tensor([0.5, 0.25, 0.5]), shape)  # (5, 2) twice
+        state[k] = {"coo": w, "csr": w.coalesce().to_sparse_csr(),
+                    "csc": w.coalesce().to_sparse_csc(),
+                    "bsr": w.coalesce().to_sparse_bsr((2, 1))}[layout]
+    for k in ("bias_ih_l0", "bias_hh_l0"):
+        state[k] = torch.sparse_coo_tensor(torch.tensor([[3]]), torch.tensor([1.0]), (4 * H,))
+    return state
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")  # torch's beta and invariant-check notes
+@pytest.mark.parametrize("layout", ["coo", "csr", "csc", "bsr"])
+def test_from_torch_keeps_sparse_tensors_sparse(tmp_path, layout):
+    torch = pytest.importorskip("torch")
+    import tracemalloc
+
+    H = I = 1000  # dense, these weights would be 32 MB; the file is a few KB
+    state = _sparse_state(torch, H, I, layout)
+    path = tmp_path / "sparse.pt"
+    torch.save(state, path)
+    tracemalloc.start()
+    try:
+        model = convert.from_torch(torch.load(path, weights_only=True))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # indptr and biases (4H each); nothing of (4H, I)
+    weights = model.weights()
+    assert {w.format for w in weights.values()} == {"bsr" if layout == "bsr" else "csr"}
+    if layout != "bsr":
+        assert all(w.nnz == 2 for w in weights.values())  # the duplicate summed
+    numlstm.save(model, tmp_path / "m.npz")
+    assert (tmp_path / "m.npz").stat().st_size < 2**20
+    module = torch.nn.LSTM(I, H)
+    module.load_state_dict({k: v.to_dense() for k, v in state.items()})
+    x = np.random.default_rng(0).standard_normal((3, 2, I)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(model(x)[0], want, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_from_torch_refuses_sparse_tensors_it_cannot_hold():
+    torch = pytest.importorskip("torch")
+    H, I = 4, 3
+    base = _sparse_state(torch, H, I)
+
+    def refused(key, value, match):
+        with pytest.raises(ValueError, match=match):
+            convert.from_torch(dict(base, **{key: value}))
+
+    # A sparse bias is checked against the model's shape before it is densified.
+    huge = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0]), (10**12,))
+    refused("bias_ih_l0", huge, r"state\['bias_ih_l0'\] must have shape \(16,\), got a "
+                                r"sparse tensor of shape \(1000000000000,\)")
+    hybrid = torch.sparse_coo_tensor(torch.tensor([[0], [1]]), torch.ones(1, 2), (16, 3, 2))
+    refused("weight_ih_l0", hybrid, r"state\['weight_ih_l0'\] is a sparse COO tensor of 2 "
+                                    r"sparse and 1 dense dimensions")
+    bsc = torch.zeros(16, 3).to_sparse_bsc((2, 1))
+    refused("weight_ih_l0", bsc, r"state\['weight_ih_l0'\] is a sparse_bsc tensor of shape "
+                                 r"\(16, 3\); sparse parameters must be 2-D")
+    # torch checks no invariants by default: out-of-range indices reach the converter.
+    bad = torch.sparse_coo_tensor(torch.tensor([[0], [7]]), torch.ones(1), (16, 3),
+                                  check_invariants=False)
+    refused("weight_ih_l0", bad, r"state\['weight_ih_l0'\] is not a valid sparse_coo tensor")
+    bad = torch.sparse_coo_tensor(torch.tensor([[99]]), torch.ones(1), (16,),
+                                  check_invariants=False)
+    refused("bias_hh_l0", bad, r"state\['bias_hh_l0'\]: sparse indices must lie in \[0, 16\)")
+    wrong = torch.sparse_coo_tensor(torch.tensor([[0], [1]]), torch.ones(1), (16, 5))
+    refused("weight_hh_l0", wrong, r"weight_hh_l0 must have shape \(16, 4\), got \(16, 5\)")
+    flat = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.ones(1), (16,))
+    refused("weight_ih_l0", flat, r"\['weight_ih_l0'\] must have shape \(4\*H, I\), got "
+                                  r"\(16,\)")
+
+
 # ----------------------------------------------------------------------------- ONNX
 
 

@@ -109,6 +109,22 @@ def test_convert_of_a_fifo_does_not_block(tmp_path, capsys):
     _fails(capsys, ["convert", fifo, "-o", tmp_path / "o.npz"], "is not a regular file")
 
 
+@pytest.mark.filterwarnings("ignore:Sparse")  # torch's invariant-check note
+def test_convert_keeps_a_sparse_state_dict_sparse(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    H = 1000  # a 3 KB file; densified, its weights would write 32 MB
+    one = torch.sparse_coo_tensor(torch.tensor([[0], [1]]), torch.ones(1), (4 * H, H))
+    zero = torch.zeros(4 * H).to_sparse()
+    state = {"weight_ih_l0": one, "weight_hh_l0": one, "bias_ih_l0": zero, "bias_hh_l0": zero}
+    torch.save(state, tmp_path / "sparse.pt")
+    assert (tmp_path / "sparse.pt").stat().st_size < 2**12
+    out = tmp_path / "o.npz"
+    assert cli.main(["convert", str(tmp_path / "sparse.pt"), "-o", str(out)]) == 0
+    assert out.stat().st_size < 2**18  # indptr and biases, 4H values each
+    assert "csr float32" in repr(numlstm.load(out))
+    capsys.readouterr()
+
+
 def test_output_to_a_folder(torch_files, model_file, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

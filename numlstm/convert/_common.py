@@ -35,14 +35,19 @@ def config_from_state(state, argname):
     if "weight_ih_l0" not in state or "weight_hh_l0" not in state:
         raise KeyError(f"{argname} must hold PyTorch LSTM parameters (weight_ih_l0, "
                        f"weight_hh_l0, ...), got keys {sorted(state)[:8]}")
-    G, I = shape("weight_ih_l0")
-    if G % 4 or G == 0:
-        raise ValueError(f"{argname}['weight_ih_l0'] must have shape (4*H, I), got {(G, I)}")
-    H = G // 4
+    dims = shape("weight_ih_l0")
+    if len(dims) != 2 or dims[0] % 4 or dims[0] == 0:
+        raise ValueError(f"{argname}['weight_ih_l0'] must have shape (4*H, I), got {dims}")
+    I, H = dims[1], dims[0] // 4
     L = 0
     while f"weight_ih_l{L}" in state:
         L += 1
     bidirectional = "weight_ih_l0_reverse" in state
     bias = "bias_ih_l0" in state
-    P = shape("weight_hr_l0")[0] if "weight_hr_l0" in state else 0
+    P = 0
+    if "weight_hr_l0" in state:
+        dims = shape("weight_hr_l0")
+        if len(dims) != 2:
+            raise ValueError(f"{argname}['weight_hr_l0'] must have shape (P, H), got {dims}")
+        P = dims[0]
     return I, H, L, bias, bidirectional, P
