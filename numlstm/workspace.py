@@ -6,6 +6,8 @@ when a plan needs more than it holds and is otherwise reused as it is, so a
 model called again with the same or a smaller (T, B) allocates nothing.
 """
 
+import math
+
 import numpy as np
 
 _ALIGN = 64  # bytes; a cache line, and enough for any SIMD load
@@ -18,12 +20,14 @@ def plan_layout(spec, dtype):
     size, padded)`` (``padded`` is the size rounded up to the 64-byte
     alignment) and ``total`` the elements the views span. A block for the plan
     holds ``total`` plus one alignment step (room to align its start), so its
-    bytes are ``(total + step) * itemsize``: see ``plan_nbytes``.
+    bytes are ``(total + step) * itemsize``: see ``plan_nbytes``. Sizes are
+    exact Python ints: a prediction for sizes past int64 (``memory_report``
+    of 10**12 steps) must not wrap around.
     """
     step = _ALIGN // np.dtype(dtype).itemsize
     entries, total = [], 0
     for name, shape in spec:
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(int(n) for n in shape)
         padded = -(-size // step) * step
         entries.append((name, tuple(shape), total, size, padded))
         total += padded

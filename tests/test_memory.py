@@ -6,6 +6,7 @@ import scipy.sparse as sp
 
 import numlstm
 from numlstm.memory import ROWS, MemoryReport, memory_report
+from numlstm.pool import pool_memory
 
 
 def _sparse(m, fraction=0.9):
@@ -130,6 +131,28 @@ def test_bad_arguments(args, kwargs, exc, match):
     args = tuple(m if a is None else a for a in args)
     with pytest.raises(exc, match=match):
         memory_report(*args, **kwargs)
+
+
+def test_sizes_past_int64_are_counted_exactly():
+    # (10**12)**2 steps * rows wrapped around int64 (about -5.3e19 bytes); a pool of 2**62
+    # slots came out as 64 bytes of states.
+    m = numlstm.LSTM(3, 4, seed=0)  # I=3, H=O=4: every buffer below is a multiple of 64 B
+    T = B = 10**12
+    r = memory_report(m, T, B, training=True, checkpoint="auto")
+    segment = 10**6  # ceil(sqrt(T))
+    assert r.case["segment"] == segment
+    # The tape: the state entering each segment (h and c) and the layer's input x.
+    assert r["recorded activations"] == 4 * (T // segment * B * (4 + 4) + T * B * 3)
+    assert all(type(v) is int and v >= 0 for v in r.values())
+    assert r["total"] == sum(v for k, v in r.items() if k != "total")
+    S = 2**62
+    parts = pool_memory(m, S)
+    # h, c (1, S, 4) each, x (S, 3), out (S, 4), plus one alignment step of 64 bytes
+    assert parts["states"] == 4 * S * (4 + 4 + 3 + 4) + 64
+    assert parts["index"] == S * (8 + 8 + 8 + 1) + 8
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    pooled = memory_report(m, 1, 1, pool=S)
+    assert pooled["stream pool states"] == parts["states"] + parts["index"]
 
 
 def test_exported():
