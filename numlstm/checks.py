@@ -25,6 +25,11 @@ from numlstm.weights import check_float_array
 MAX_SIZE = 2**31 - 1
 MAX_LAYERS = 10_000
 MAX_PARAM_BYTES = 2**40
+# The same bound on the state buffers a stream (batch_size rows) or a stream
+# pool (capacity slots) allocates when it is made: a size past it is refused
+# by name before NumPy's shape arithmetic overflows int64 or a huge block is
+# asked for.
+MAX_BUFFER_BYTES = 2**40
 
 
 def check_int(value, name, low, high=None):
@@ -205,4 +210,20 @@ def check_stream_args(model, batch_size):
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return int(batch_size)
+    return check_state_rows(model, int(batch_size), "batch_size", "a stream")
+
+
+def check_state_rows(model, rows, name, what):
+    """``rows`` (an int >= 1: a stream's batch size, a pool's capacity) when the
+    h and c of every layer for that many rows fit ``MAX_BUFFER_BYTES``; else
+    ValueError naming ``name``. Counted in exact Python ints; the states are
+    a lower bound of what ``what`` allocates, so nothing that passes wraps."""
+    row_bytes = model.num_layers * (model.output_size + model.hidden_size) \
+        * np.dtype(model.dtype).itemsize
+    nbytes = rows * row_bytes
+    if nbytes > MAX_BUFFER_BYTES:
+        raise ValueError(f"{name}={rows} asks {what} of this model for at least {nbytes:,} "
+                         f"bytes of state (h and c of {model.num_layers} layer(s), "
+                         f"{row_bytes:,} bytes a row); numlstm allocates at most "
+                         f"{MAX_BUFFER_BYTES / 2**40:g} TiB for them")
+    return rows

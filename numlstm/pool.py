@@ -123,7 +123,8 @@ class StreamPool:
                             "session with its own model.stream() on the device")
         checks.check_stream_args(model, 1)  # refuses a bidirectional or reverse model
         self.model = model
-        self.capacity = S = _check_capacity(capacity, "capacity")
+        self.capacity = S = checks.check_state_rows(
+            model, _check_capacity(capacity, "capacity"), "capacity", "a StreamPool")
         self.chunk = _check_capacity(chunk, "chunk")
         rows = min(S, self.chunk)
         self._states_ws = Workspace(model.dtype)

@@ -91,3 +91,21 @@ def test_numpy_bools_and_ints_are_accepted():
                      batch_first=np.True_, bidirectional=np.False_)
     assert (m.bias, m.batch_first, m.bidirectional) == (False, True, False)
     assert all(type(v) is bool for v in (m.bias, m.batch_first, m.bidirectional))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda m: numlstm.StreamPool(m, 2**62), r"capacity=4611686018427387904 asks a StreamPool"),
+    (lambda m: m.stream_pool(2**40), r"capacity=1099511627776 asks a StreamPool"),
+    (lambda m: m.stream(10**30), r"batch_size=10{30} asks a stream"),
+    (lambda m: m.stream(np.int64(2**40)), r"batch_size=1099511627776 asks a stream"),
+])
+def test_stream_and_pool_sizes_are_bounded_by_name(model, make, match):
+    # NumPy's "cannot reshape" / "Python int too large to convert to C long" before;
+    # h and c of 2 layers of (4 + 6) float32 values are 80 bytes a row.
+    with pytest.raises(ValueError, match=match + r" of this model for at least [\d,]+ bytes "
+                                                  r"of state \(h and c of 2 layer\(s\), 80 "
+                                                  r"bytes a row\); numlstm allocates at most "
+                                                  r"1 TiB"):
+        make(model)
+    # Sizes the bound allows are made as before.
+    assert model.stream(3).batch_size == 3 and numlstm.StreamPool(model, 5).capacity == 5
