@@ -26,6 +26,7 @@ keeps only its layout (``weights.CSR``). The bytes are counted in
 """
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from numlstm.kernels import sell as sell_kernels
 from numlstm.kernels.vector_ir import SELL_LANES, WINDOW, WINDOW_PAD
 
 KINDS = ("windows", "sell", "dense", "csr")
+_BLOCK = 2**12  # values per block of rows that ``SellWindows`` sizes and fills at once
 
 
 def _l2_bytes():
@@ -63,9 +65,20 @@ def _l2_bytes():
 L2_BYTES = _l2_bytes()
 
 
-def build(weight, forced=None):
-    """The per-step execution layout of the CSR ``weight``: a ``SellWindows``,
-    ``Sell``, dense copy (``weights.Dense``) or None (use the CSR arrays).
+class Planned(NamedTuple):
+    """A layout's sizes, known before it is built (``Sell.planned``,
+    ``SellWindows.planned``): what ``cost`` and ``build`` read."""
+
+    kind: str  # "sell" or "windows"
+    values: int  # entries times lanes: the size of its ``data``
+    units: int  # Sell: slices; SellWindows: slice windows (nslices * nwin)
+    nbytes: int  # its ``nbytes`` once built
+
+
+def choose(weight, forced=None):
+    """The kind of execution layout ``build`` makes for the CSR ``weight``
+    ("windows", "sell", "dense" or "csr") and its ``Planned`` sizes (None for
+    "dense" and "csr").
 
     ``forced`` (default ``config.STEP_LAYOUT``) names a kind, or "auto": the
     cheapest by ``cost``; for a quantized weight, whose layout replaces its
@@ -73,30 +86,26 @@ def build(weight, forced=None):
     than the CSR arrays (so ``sell``, not ``windows``). A kind that cannot
     hold the weight (``windows`` needs float32 inputs and an AVX2 or AVX-512
     CPU; ``dense`` a float value kind unless ``config.DENSE_FOR_QUANTIZED``)
-    falls back to "auto".
+    falls back to "auto". The candidates are priced from their sizes, never
+    built: ``build`` makes only the chosen one, so choosing costs no layout's
+    bytes, and ``memory_report`` can say what a first call builds.
     """
     kind = forced or config.STEP_LAYOUT
     if kind not in KINDS + ("auto",):
         raise ValueError(f"the step layout (NUMLSTM_STEP_LAYOUT / config.STEP_LAYOUT) must "
                          f"be one of {KINDS + ('auto',)}, got {kind!r}")
     sigma = config.SELL_SIGMA
-    candidates = {"sell": lambda: Sell(weight.data, weight.indices, weight.indptr,
-                                       weight.shape, sigma=sigma),
-                  "csr": lambda: None}
+    candidates = {"sell": lambda: Sell.planned(weight, sigma=sigma), "csr": lambda: None}
     quantized = weight.value_type in ("float16", "int8")
     if SellWindows.applies(weight.dtype):
-        candidates["windows"] = lambda: SellWindows(
-            weight.data, weight.indices, weight.indptr, weight.shape, weight.scales,
-            sigma=sigma)
+        candidates["windows"] = lambda: SellWindows.planned(weight, sigma=sigma)
     if not quantized or config.DENSE_FOR_QUANTIZED:
-        candidates["dense"] = weight.dense_copy  # weights.Dense (no import back: no cycle)
+        candidates["dense"] = lambda: None
     if kind in candidates:
-        return candidates[kind]()
-    # The SELL kinds are built to be measured; a dense copy is priced from its
-    # shape and made only if chosen (it may be large).
-    built = {k: make() for k, make in candidates.items() if k != "dense"}
-    nbytes = {k: 0 if v is None else v.nbytes for k, v in built.items()}
-    est = {k: cost(weight, v) for k, v in built.items()}
+        return kind, candidates[kind]()
+    sized = {k: make() for k, make in candidates.items() if k != "dense"}
+    nbytes = {k: 0 if v is None else v.nbytes for k, v in sized.items()}
+    est = {k: cost(weight, v) for k, v in sized.items()}
     if "dense" in candidates:
         R, K = weight.shape
         nbytes["dense"] = R * K * weight.dtype.itemsize
@@ -106,22 +115,43 @@ def build(weight, forced=None):
         limit = stored * (1 + config.QUANTIZED_LAYOUT_SLACK)
         est = {k: e for k, e in est.items() if k == "csr" or nbytes[k] <= limit}
     best = min(est, key=est.get)
-    return built[best] if best != "dense" else candidates["dense"]()
+    return best, sized.get(best)
 
 
-def quantized_step(weight, stored):
+def build(weight, forced=None):
+    """The per-step execution layout of the CSR ``weight``: a ``SellWindows``,
+    ``Sell``, dense copy (``weights.Dense``) or None (use the CSR arrays), of
+    the kind ``choose`` picks (``forced``: see there)."""
+    kind, _ = choose(weight, forced)
+    sigma = config.SELL_SIGMA
+    if kind == "sell":
+        return Sell(weight.data, weight.indices, weight.indptr, weight.shape, sigma=sigma)
+    if kind == "windows":
+        return SellWindows(weight.data, weight.indices, weight.indptr, weight.shape,
+                           weight.scales, sigma=sigma)
+    if kind == "dense":
+        return weight.dense_copy()  # weights.Dense (no import back: no cycle)
+    return None
+
+
+def quantized_step(weight, stored, planned_only=False):
     """The per-step layout of a quantized (float16 / int8) ``weight`` stored as
     ``stored`` (its SELL layout, or None: its CSR arrays): a windowed copy
     where ``config.QUANTIZED_STEP_COPY`` allows one and ``cost`` prices it
     below the storage, else None (the per-step products read the storage).
     Only under "auto": a forced ``config.STEP_LAYOUT`` already chose the
-    storage ("windows" included)."""
+    storage ("windows" included). ``planned_only``: the copy's ``Planned``
+    sizes instead of the copy (None where none would be made)."""
     if (not config.QUANTIZED_STEP_COPY or config.STEP_LAYOUT != "auto"
             or isinstance(stored, SellWindows) or not SellWindows.applies(weight.dtype)):
         return None
-    copy = SellWindows(weight.data, weight.indices, weight.indptr, weight.shape, weight.scales,
+    planned = SellWindows.planned(weight, sigma=config.SELL_SIGMA)
+    if cost(weight, planned) >= cost(weight, stored):
+        return None
+    if planned_only:
+        return planned
+    return SellWindows(weight.data, weight.indices, weight.indptr, weight.shape, weight.scales,
                        sigma=config.SELL_SIGMA)
-    return copy if cost(weight, copy) < cost(weight, stored) else None
 
 
 def step_costs():
@@ -146,7 +176,8 @@ def dense_cost(shape, itemsize):
 
 def cost(weight, layout):
     """Estimated ns of one product with one row of x through ``layout``
-    (as ``build`` returns it), from its sizes and ``config.STEP_COSTS``.
+    (as ``build`` returns it, or its ``Planned`` sizes), from its sizes and
+    ``config.STEP_COSTS``.
 
     Measured per ISA (``benchmarks/layout_costs.py``); what matters is their
     ratios. Past L2, each is at least its bytes streamed (``_streamed``): a
@@ -158,13 +189,12 @@ def cost(weight, layout):
     if layout is None:
         nbytes = weight.data.nbytes + weight.indices.nbytes + weight.indptr.nbytes
         return _streamed(weight.nnz * c["csr"] + R * c["row"], nbytes)
-    if isinstance(layout, SellWindows):
-        windows = layout.table.shape[0] * (layout.table.shape[1] - 1 - SELL_LANES)
-        return _streamed(layout.data.size * c["window_lane"] + windows * c["window"],
-                         layout.nbytes)
-    if isinstance(layout, Sell):
-        return _streamed(layout.data.size * c["sell_lane"] + layout.slices.shape[0] * c["slice"],
-                         layout.nbytes)
+    if isinstance(layout, SELL_KINDS):
+        layout = layout.sizes()
+    if isinstance(layout, Planned):
+        lane, unit = ("window_lane", "window") if layout.kind == "windows" else \
+            ("sell_lane", "slice")
+        return _streamed(layout.values * c[lane] + layout.units * c[unit], layout.nbytes)
     return dense_cost(weight.shape, weight.dtype.itemsize)
 
 
@@ -192,6 +222,21 @@ def value_bits(a):
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
+def _row_blocks(indptr):
+    """``(r0, r1, a, b)``: rows [r0, r1) holding values [a, b), whole rows of
+    about ``_BLOCK`` values each (a longer row alone), empty blocks skipped.
+    Per-value index arithmetic done a block at a time needs O(_BLOCK)
+    temporaries instead of several O(nnz) arrays; every
+    (row, window) group lies inside one block."""
+    ptr = indptr.astype(np.int64)
+    R, r0 = ptr.shape[0] - 1, 0
+    while r0 < R:
+        r1 = min(max(int(np.searchsorted(ptr, ptr[r0] + _BLOCK, "right")) - 1, r0 + 1), R)
+        if ptr[r1] > ptr[r0]:
+            yield r0, r1, int(ptr[r0]), int(ptr[r1])
+        r0 = r1
+
+
 class Sell:
     """The SELL-C-sigma layout of a CSR weight (R, K).
 
@@ -215,24 +260,50 @@ class Sell:
     def __init__(self, values, indices, indptr, shape, lanes=SELL_LANES, sigma=None):
         R, K = shape
         C = lanes
+        self.halves = halved(R, C)
+        self.slices = self._slices(indptr, R, C, sigma)
+        S = int(self.slices[-1, 1])
+        self.data = np.zeros((S, C), values.dtype)
+        self.indices = np.zeros((S, C), self._index_type(K))
+        self._indptr = indptr
+        sell_kernels.sell_copy(self.indices, indices, indptr, self.slices, True)
+        self.refresh(values)
+
+    @staticmethod
+    def _index_type(K):
+        return np.uint16 if K <= 65536 else np.int32
+
+    @staticmethod
+    def _slices(indptr, R, C, sigma):
+        """The slice table (nslices, 2 + C) int32 of rows with these ``indptr``."""
         lens = np.diff(indptr.astype(np.int64))
         order = _order(lens, sigma or R, C)
-        self.halves = halved(R, C)
         nslices = -(-R // C)
         rows = np.full(nslices * C, -1, np.int64)
         rows[:R] = order
         widths = np.where(rows >= 0, lens[np.maximum(rows, 0)], 0).reshape(nslices, C)
         widths = widths.max(axis=1)
         starts = np.concatenate([[0], np.cumsum(widths)])
-        self.slices = np.empty((nslices, 2 + C), np.int32)
-        self.slices[:, 0], self.slices[:, 1] = starts[:-1], starts[1:]
-        self.slices[:, 2:] = rows.reshape(nslices, C)
-        S = int(starts[-1])
-        self.data = np.zeros((S, C), values.dtype)
-        self.indices = np.zeros((S, C), np.uint16 if K <= 65536 else np.int32)
-        self._indptr = indptr
-        sell_kernels.sell_copy(self.indices, indices, indptr, self.slices, True)
-        self.refresh(values)
+        slices = np.empty((nslices, 2 + C), np.int32)
+        slices[:, 0], slices[:, 1] = starts[:-1], starts[1:]
+        slices[:, 2:] = rows.reshape(nslices, C)
+        return slices
+
+    @classmethod
+    def planned(cls, weight, lanes=SELL_LANES, sigma=None):
+        """The ``Planned`` sizes of ``Sell(weight's arrays)``, from its indptr
+        alone (O(R) work and memory)."""
+        R, K = weight.shape
+        slices = cls._slices(weight.indptr, R, lanes, sigma)
+        values = int(slices[-1, 1]) * lanes
+        item = value_bits(np.zeros(0, weight.value_type)).itemsize
+        index = np.dtype(cls._index_type(K)).itemsize
+        return Planned("sell", values, slices.shape[0],
+                       values * (item + index) + slices.nbytes)
+
+    def sizes(self):
+        """This layout's ``Planned`` sizes."""
+        return Planned("sell", self.data.size, self.slices.shape[0], self.nbytes)
 
     def refresh(self, values):
         """Copy the weight's current values (nnz,) into the layout."""
@@ -300,31 +371,11 @@ class SellWindows:
         C, WW = lanes, WINDOW
         nwin = max(-(-K // WW), 1)
         lens = np.diff(indptr.astype(np.int64))
-        order = _order(lens, sigma or R, C)
         self.halves = halved(R, C)
         nslices = -(-R // C)
+        order, offsets, self.table = self._table(indices, indptr, R, K, C, sigma)
         slot = np.empty(R, np.int64)
         slot[order] = np.arange(R)
-        row_of = np.repeat(np.arange(R), lens)
-        cols = indices.astype(np.int64)
-        key = row_of * nwin + cols // WW  # (row, window) of each stored value, sorted
-        counts = np.bincount(key, minlength=R * nwin).reshape(R, nwin)
-        lane_counts = np.zeros((nslices * C, nwin), np.int64)
-        lane_counts[:R] = counts[order]
-        per_window = lane_counts.reshape(nslices, C, nwin).max(axis=1)  # (nslices, nwin)
-        offsets = np.concatenate([[0], np.cumsum(per_window.reshape(-1))])
-        self.table = np.empty((nslices, nwin + 1 + C), np.int32)
-        starts = np.arange(nslices)[:, None] * nwin + np.arange(nwin + 1)[None, :]
-        self.table[:, :nwin + 1] = offsets[starts]
-        rows = np.full(nslices * C, -1, np.int64)
-        rows[:R] = order
-        self.table[:, nwin + 1:] = rows.reshape(nslices, C)
-        # Each value's rank among its row's values in its window.
-        new = np.ones(key.shape[0], bool)
-        new[1:] = key[1:] != key[:-1]
-        first = np.maximum.accumulate(np.where(new, np.arange(key.shape[0]), 0))
-        s, lane = np.divmod(slot[row_of], C)
-        pos = (offsets[s * nwin + cols // WW] + np.arange(key.shape[0]) - first) * C + lane
         E = int(offsets[-1])
         self.words = None
         if values.dtype == np.int8:
@@ -332,20 +383,84 @@ class SellWindows:
             # (value << 8 | column, little-endian): the kernel sign-extends a
             # vector of words once for both (``vector_ir._window_codegen``).
             self.words = np.full((E, C), WINDOW_PAD, np.int16)
-            self.words.reshape(-1)[pos] = (values.astype(np.int16) << 8) | (cols % WW)
             self.indices = self.words.view(np.uint8)[:, 0::2]  # views of the words' bytes
             self.data = self.words.view(np.int8)[:, 1::2]
         else:
             self.indices = np.full((E, C), WINDOW_PAD, np.uint8)
-            self.indices.reshape(-1)[pos] = cols % WW
             self.data = np.zeros((E, C), values.dtype)
-            self.data.reshape(-1)[pos] = values
+        # Each value's place, block by block (``_row_blocks``): its rank among
+        # its row's values in its window gives its entry, its slot its lane.
+        for r0, r1, a, b in _row_blocks(indptr):
+            row_of = np.repeat(np.arange(r0, r1), lens[r0:r1])
+            cols = indices[a:b].astype(np.int64)
+            key = row_of * nwin + cols // WW  # (row, window) of each value, sorted
+            new = np.ones(b - a, bool)
+            new[1:] = key[1:] != key[:-1]
+            first = np.maximum.accumulate(np.where(new, np.arange(b - a), 0))
+            s, lane = np.divmod(slot[row_of], C)
+            pos = (offsets[s * nwin + cols // WW] + np.arange(b - a) - first) * C + lane
+            if self.words is not None:
+                self.words.reshape(-1)[pos] = (values[a:b].astype(np.int16) << 8) | (cols % WW)
+            else:
+                self.indices.reshape(-1)[pos] = cols % WW
+                self.data.reshape(-1)[pos] = values[a:b]
         self._indptr = indptr
         self.lane_scales = np.zeros((0, 0), np.float32)
         if scales is not None:
             self.lane_scales = np.ones(nslices * C, np.float32)
             self.lane_scales[:R] = scales[order].astype(np.float32)
             self.lane_scales = self.lane_scales.reshape(nslices, C)
+
+    @staticmethod
+    def _table(indices, indptr, R, K, C, sigma):
+        """``(order, offsets, table)`` of rows with these ``indices`` and
+        ``indptr``: the rows in slice order, the first entry of every slice
+        window (nslices * nwin + 1,) and the table (nslices, nwin + 1 + C)."""
+        WW = WINDOW
+        nwin = max(-(-K // WW), 1)
+        lens = np.diff(indptr.astype(np.int64))
+        order = _order(lens, sigma or R, C)
+        nslices = -(-R // C)
+        # The most values any lane of a slice has in each window, from the
+        # (row, window) groups of the stored values, block by block: never the
+        # (R, nwin) counts nor an O(nnz) temporary.
+        slot = np.empty(R, np.int64)
+        slot[order] = np.arange(R)
+        per_window = np.zeros(nslices * nwin, np.int64)
+        for r0, r1, a, b in _row_blocks(indptr):
+            key = np.repeat(np.arange(r0, r1) * nwin, lens[r0:r1]) + indices[a:b] // WW
+            new = np.ones(b - a, bool)
+            new[1:] = key[1:] != key[:-1]
+            first = np.flatnonzero(new)
+            counts = np.diff(first, append=b - a)
+            group = key[first]
+            np.maximum.at(per_window, slot[group // nwin] // C * nwin + group % nwin, counts)
+        offsets = np.concatenate([[0], np.cumsum(per_window)])
+        table = np.empty((nslices, nwin + 1 + C), np.int32)
+        starts = np.arange(nslices)[:, None] * nwin + np.arange(nwin + 1)[None, :]
+        table[:, :nwin + 1] = offsets[starts]
+        rows = np.full(nslices * C, -1, np.int64)
+        rows[:R] = order
+        table[:, nwin + 1:] = rows.reshape(nslices, C)
+        return order, offsets, table
+
+    @classmethod
+    def planned(cls, weight, lanes=SELL_LANES, sigma=None):
+        """The ``Planned`` sizes of ``SellWindows(weight's arrays)``, from its
+        pattern (one pass over the indices)."""
+        R, K = weight.shape
+        _, offsets, table = cls._table(weight.indices, weight.indptr, R, K, lanes, sigma)
+        values = int(offsets[-1]) * lanes
+        item = value_bits(np.zeros(0, weight.value_type)).itemsize
+        nslices = table.shape[0]
+        scales = nslices * lanes * 4 if weight.value_type == "int8" else 0
+        return Planned("windows", values, nslices * (table.shape[1] - 1 - lanes),
+                       values * (item + 1) + table.nbytes + scales)
+
+    def sizes(self):
+        """This layout's ``Planned`` sizes."""
+        windows = self.table.shape[0] * (self.table.shape[1] - 1 - self.data.shape[1])
+        return Planned("windows", self.data.size, windows, self.nbytes)
 
     def refresh(self, values):
         """Copy the weight's current values (nnz,) into the layout."""

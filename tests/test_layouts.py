@@ -212,6 +212,45 @@ def test_quantized_streams_with_and_without_the_step_copy_agree(monkeypatch):
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
+@given(_rows, _cols, st.sampled_from([0.0, 0.1, 0.6, 1.0]),
+       st.sampled_from([None, "float16", "int8"]), st.sets(st.integers(0, 40), max_size=8),
+       st.sampled_from([1, 5, 2**12]), st.integers(0, 1000))
+def test_planned_sizes_are_those_of_the_built_layouts(R, C, density, values, empty, block,
+                                                      seed):
+    """The cost model prices sizes it computes without building (``planned``);
+    they must be the built layouts' own, whatever the rows per block."""
+    rng = np.random.default_rng(seed)
+    weight = quantize_weight(_csr(rng, R, C, density, np.float32, empty), values, "int32")
+    saved = layouts._BLOCK
+    layouts._BLOCK = block  # SellWindows fills its values a block of rows at a time
+    try:
+        kinds = [layouts.Sell] + ([layouts.SellWindows] if WINDOW else [])
+        for kind in kinds:
+            extra = [weight.scales] if kind is layouts.SellWindows else []
+            made = kind(weight.data, weight.indices, weight.indptr, weight.shape, *extra)
+            assert kind.planned(weight) == made.sizes()
+            np.testing.assert_array_equal(made.csr_values(), weight.data)
+            np.testing.assert_array_equal(made.csr_indices(np.int32), weight.indices)
+    finally:
+        layouts._BLOCK = saved
+
+
+def test_the_choice_builds_only_the_layout_it_picks(monkeypatch):
+    made = []
+    for kind in (layouts.Sell, layouts.SellWindows):
+        init = kind.__init__
+        monkeypatch.setattr(kind, "__init__", lambda self, *a, _init=init, **k: (
+            made.append(type(self).kind), _init(self, *a, **k))[1])
+    m = numlstm.LSTM(64, 256, seed=0)
+    numlstm.prune.magnitude(m, 0.8)
+    for w in m.weights().values():
+        made.clear()
+        layout = w.step_layout()
+        kind, _ = layouts.choose(w)
+        assert made == ([] if kind in ("csr", "dense") else [kind]), (kind, made)
+        assert layout is w.step_layout()
+
+
 # The cost model fed two CPUs' figures, not only the host's: an AVX2 core with
 # a 512 KiB L2 (a Zen 3) and an AVX-512 core with a 2 MiB L2 (an Emerald Rapids).
 CPUS = [("avx2", 512 * 2**10), ("avx512", 2 * 2**20)]
