@@ -36,6 +36,7 @@ from numlstm.kernels.vector_ir import SELL_LANES, WINDOW, WINDOW_PAD
 
 KINDS = ("windows", "sell", "dense", "csr")
 _BLOCK = 2**12  # values per block of rows that ``SellWindows`` sizes and fills at once
+_OBJECT_BYTES = 2**14  # a layout's Python objects (views, tuples, the weight's bindings)
 
 
 def _l2_bytes():
@@ -116,6 +117,40 @@ def choose(weight, forced=None):
         est = {k: e for k, e in est.items() if k == "csr" or nbytes[k] <= limit}
     best = min(est, key=est.get)
     return best, sized.get(best)
+
+
+def build_peak(weight, kind, planned):
+    """(kept, peak): the bytes of ``weight``'s layout of ``kind`` (``choose``'s
+    answer, ``planned`` its sizes) and an upper bound of the NumPy bytes
+    building it holds at once, that layout included: first the candidates'
+    sizing (``choose``, freed before building), then the chosen layout and
+    its own temporaries. Counted from the code's arrays: per-row arrays (row
+    lengths, the sort, slots: at most ``12 R`` int64), per-block index
+    arithmetic (``_row_blocks``: at most ``12 * _BLOCK`` int64), the window
+    table's (nslices, nwin + 1) int64 arrays (at most six at once), a dense
+    copy's CSR copy, for a quantized weight stored as SELL the CSR arrays
+    rebuilt to read it, and ``_OBJECT_BYTES`` for the Python objects. What
+    ``memory_report`` adds for a call that builds layouts."""
+    R, K = weight.shape
+    nnz, C = weight.nnz, SELL_LANES
+    item = value_bits(np.zeros(0, weight.value_type)).itemsize
+    rows = 12 * R * 8
+    block = 12 * min(nnz, _BLOCK) * 8
+    nwin = max(-(-K // WINDOW), 1) if WINDOW else 0
+    table = 6 * -(-R // C) * (nwin + 1) * 8 + rows + block
+    rebuilt = 0
+    if weight.value_type in ("float16", "int8") and getattr(weight, "_store", None) is not None:
+        rebuilt = nnz * (8 + 4 + item)  # csr_indices (int64, then the index type), data
+    sizing = rows + (table if SellWindows.applies(weight.dtype) else 0) + rebuilt
+    if kind == "dense":
+        kept = R * K * weight.dtype.itemsize
+        temps = nnz * (weight.dtype.itemsize + 4) + (R + 1) * 4 + rebuilt  # public()'s copy
+    elif kind in ("sell", "windows"):
+        kept = planned.nbytes
+        temps = (rows if kind == "sell" else table + R * 8) + rebuilt
+    else:
+        kept = temps = 0
+    return kept, max(sizing, kept + temps) + _OBJECT_BYTES
 
 
 def build(weight, forced=None):
@@ -226,7 +261,7 @@ def _row_blocks(indptr):
     """``(r0, r1, a, b)``: rows [r0, r1) holding values [a, b), whole rows of
     about ``_BLOCK`` values each (a longer row alone), empty blocks skipped.
     Per-value index arithmetic done a block at a time needs O(_BLOCK)
-    temporaries instead of several O(nnz) arrays; every
+    temporaries instead of several O(nnz) arrays (``build_peak``); every
     (row, window) group lies inside one block."""
     ptr = indptr.astype(np.int64)
     R, r0 = ptr.shape[0] - 1, 0

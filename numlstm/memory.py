@@ -6,9 +6,12 @@ features, H hidden, O = P or H, L layers, D directions.
 ``memory_report(model, seq_len, batch_size, ...)`` splits a call's memory into
 rows:
 
-- weight values / indices / indptr / scales: the stored weight matrices, by
-  part (each storage kind's ``nbytes_parts()``); with the biases they sum to
-  ``model.weight_bytes()``;
+- weight values / indices / indptr / scales / layout: the stored weight
+  matrices, by part (each storage kind's ``nbytes_parts()``); with the biases
+  they sum to ``model.weight_bytes()`` after the call. "weight layout"
+  includes the per-step execution layouts the call builds on first use (a
+  CPU call at batch < ``config.STEP_MAX_B`` reads those of W_hh and W_hr:
+  ``numlstm.layouts``), sized without building them;
 - biases; peepholes (a model with ``peepholes=True``);
 - gradients (training only): one buffer per parameter, shaped like its stored
   values (a sparse weight's gradient lives on its pattern);
@@ -20,7 +23,9 @@ rows:
   minus the tape (scratch, dx, checkpoint recompute buffers, alignment), the
   transposed patterns sparse weights build for backward, and the arrays the
   call returns (y and the final state; in training also dx and the initial
-  state's gradient) with its small per-call index arrays;
+  state's gradient) with its small per-call index arrays; when the call
+  builds layouts (before it carves its workspace), whatever their build
+  holds beyond all that at its peak (``layouts.build_peak``'s bound);
 - with ``pool``: stream pool states (every slot's h and c of every layer,
   a full step's input and output rows, the slot index) and stream pool
   workspace (one chunk's work rows), ``numlstm.pool.pool_memory``'s parts.
@@ -37,6 +42,7 @@ import tracemalloc
 
 import numpy as np
 
+from numlstm import config
 from numlstm.checks import check_int
 from numlstm.lstm import LSTM
 from numlstm.pool import StreamPool, pool_memory
@@ -65,10 +71,13 @@ class MemoryReport(dict):
     Attributes
     ----------
     case : dict
-        What was predicted: seq_len, batch_size, training, checkpoint, segment.
+        What was predicted: seq_len, batch_size, training, checkpoint,
+        segment, and ``layouts``: the bytes of the execution layouts the call
+        builds (counted in "weight layout"; 0 once built).
     measured : dict or None
         With ``measure=True``: ``predicted_call`` (recorded activations +
-        workspace, the bytes the call itself allocates or holds),
+        workspace + the layouts it builds, the bytes the call itself
+        allocates or holds),
         ``measured_call`` (tracemalloc peak of the call plus transposed
         patterns built before it), ``tracemalloc_peak``, ``held_transposed``,
         ``nrt_allocations`` and ``nrt_net`` (numba runtime allocations made
@@ -150,9 +159,10 @@ def memory_report(model, seq_len, batch_size, training=False, checkpoint=None,
         Also run the case (random input; in training, backward with a random
         dy) and measure its peak with tracemalloc (NumPy registers its
         buffers there) and numba's runtime allocation counts. The model's
-        workspaces and any recorded tape are dropped first, so that the
-        measurement starts from what the prediction assumes (the next call
-        rebuilds them); gradients and the dropout generator are restored.
+        workspaces and any recorded tape are dropped first, and so are the
+        execution layouts the unmeasured run built, so that the measurement
+        starts from what the prediction assumes (the measured call rebuilds
+        them); gradients and the dropout generator are restored.
     pool : numlstm.StreamPool or int, optional
         Also count a stream pool of this model: an open pool's own bytes, or
         those of a pool of that capacity (``numlstm.pool.pool_memory``), as
@@ -190,6 +200,16 @@ def memory_report(model, seq_len, batch_size, training=False, checkpoint=None,
     rows["optimizer state"] = _optimizer_bytes(optimizer, grad_bytes, training)
     rows["recorded activations"] = plan["activations"]
     rows["workspace"] = plan["workspace"] + plan["transposed"] + plan["outputs"]
+    # Layouts the call builds first, one weight after another, before it carves
+    # its workspace: its peak is that build's or its buffers' with the layouts.
+    built, build_peak = 0, 0
+    for w in _step_weights(model, B):
+        kept, peak = w.first_step()
+        build_peak = max(build_peak, built + peak)
+        built += kept
+    rows["weight layout"] += built
+    call = rows["recorded activations"] + rows["workspace"] + built
+    rows["workspace"] += max(0, build_peak - call)
     if pool is not None:
         if isinstance(pool, StreamPool):
             if pool.model is not model:
@@ -202,13 +222,21 @@ def memory_report(model, seq_len, batch_size, training=False, checkpoint=None,
         rows[workspace] = parts["workspace"]
     rows["total"] = sum(rows.values())
     case = {"seq_len": T, "batch_size": B, "training": training, "checkpoint": checkpoint,
-            "segment": plan["segment"]}
+            "segment": plan["segment"], "layouts": built}
     measured = None
     if measure:
         measured = _measure(model, T, B, training, checkpoint)
-        measured["predicted_call"] = rows["recorded activations"] + rows["workspace"]
+        measured["predicted_call"] = rows["recorded activations"] + rows["workspace"] + built
         measured["ratio"] = measured["measured_call"] / measured["predicted_call"]
     return MemoryReport(rows, case, measured)
+
+
+def _step_weights(model, B):
+    """The weights whose per-step execution layouts a call over B rows reads
+    (the CPU's ``Params.prepare`` builds them), in build order."""
+    if model.device != "cpu" or B >= config.STEP_MAX_B:
+        return []
+    return model.host_params.recurrent_weights()
 
 
 def _measure(model, T, B, training, checkpoint):
@@ -223,12 +251,15 @@ def _measure(model, T, B, training, checkpoint):
     saved = {k: g.copy() for k, g in model.grad_arrays().items()} if training else {}
     rng_state = model.rng.bit_generator.state
     kwargs = {"training": True, "checkpoint": checkpoint} if training else {}
+    unbuilt = [w for w in _step_weights(model, B) if not w.step_built]
     try:  # once unmeasured: compiles what the case needs
         model(x, **kwargs)
         if training:
             model.backward(dy)
     finally:
         _restore(model, saved, rng_state)
+    for w in unbuilt:  # the measured call builds them, as predicted
+        w.drop_step()
     held = 0
     if training:  # transposed patterns built by an earlier backward stay with the weights
         held = sum(w.transposed_built() for w in model.weights().values())

@@ -104,6 +104,16 @@ class _Weight:
     def refresh_step(self):
         """Nothing to refresh: per-step products read the stored arrays."""
 
+    def first_step(self):
+        """(kept, peak) bytes of the layout the first ``step_args`` call builds:
+        none here, per-step products read the stored arrays."""
+        return 0, 0
+
+    step_built = True  # no execution layout to build
+
+    def drop_step(self):
+        """Nothing to forget: per-step products read the stored arrays."""
+
     def to_array(self):
         """The weight as a dense (R, K) array of the model's dtype (a copy)."""
         return self.public().toarray()
@@ -254,6 +264,35 @@ class CSR(_Weight):
                 self._data = self._indices = None
             elif layout is not None:  # a dense copy (config.DENSE_FOR_QUANTIZED)
                 self._step = (layout, self.layout_args(layout))
+
+    def first_step(self):
+        """(kept, peak): bytes of the per-step execution layout that the first
+        ``step_args`` call builds (``layouts.choose``'s pick, sized without
+        building it; for a quantized weight its windowed copy, if any), and an
+        upper bound of what building it holds at once (``layouts.build_peak``).
+        (0, 0) once built."""
+        if self._step is not None:
+            return 0, 0
+        if self.trainable:
+            kind, planned = layouts.choose(self)
+        else:
+            planned = layouts.quantized_step(self, self._store, planned_only=True)
+            kind = "csr" if planned is None else "windows"
+        return layouts.build_peak(self, kind, planned)
+
+    @property
+    def step_built(self):
+        """Whether the per-step execution layout exists (built by ``step_args``)."""
+        return self._step is not None
+
+    def drop_step(self):
+        """Forget the per-step execution layout; the next ``step_args`` builds it
+        again. Only for a layout nothing has bound yet (no stream or pool made
+        since it was built): ``memory_report(measure=True)`` drops those its
+        warm-up call built, so that the call it measures builds them as the
+        prediction says."""
+        with _STEP_LOCK:
+            self._step = None
 
     def _build_step(self):
         # Under a lock, checked again inside: two threads making streams of one

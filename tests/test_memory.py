@@ -45,6 +45,48 @@ def test_prediction_matches_measurement(kwargs, sparse, T, B, training, checkpoi
     assert "measured call" in str(report)
 
 
+@pytest.mark.parametrize("I,H,T", [(16, 32, 300), (64, 256, 300), (64, 256, 1)])
+def test_a_first_small_batch_call_counts_the_layouts_it_builds(I, H, T):
+    # A call at batch < config.STEP_MAX_B builds the execution layouts of W_hh on first
+    # use (numlstm.layouts): 3 layers at 80%, T=300, B=2 measured 1.19x (H=32) and
+    # 1.98x (H=256) the prediction that left them and their build out.
+    import gc
+    import tracemalloc
+
+    B = 2
+
+    def model(seed):
+        return _sparse(numlstm.LSTM(I, H, num_layers=3, seed=seed), 0.8)
+
+    x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+    model(1)(x)  # compiles the kernels this case needs (they depend on types, not values)
+    m = model(0)
+    report = memory_report(m, T, B)
+    assert report.case["layouts"] > 0
+    predicted = report["recorded activations"] + report["workspace"] + report.case["layouts"]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        m(x)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    weights = sum(v for k, v in report.items() if k.startswith("weight")) + report["biases"]
+    assert weights == m.weight_bytes()  # the layouts, sized before they were built
+    if T > 1:
+        assert 0.9 <= peak / predicted <= 1.1, (peak, predicted, report)
+    else:  # the build's temporaries are the peak: their bound holds
+        assert peak <= predicted and report["workspace"] > m.memory_plan(T, B, training=False)[
+            "workspace"], (peak, predicted, report)
+    again = memory_report(m, T, B)  # built now: nothing more to build
+    assert again.case["layouts"] == 0 and again["weight layout"] == report["weight layout"]
+    fresh = model(0)
+    measured = memory_report(fresh, T, B, measure=True).measured  # its warm-up builds none
+    if T > 1:
+        assert 0.9 <= measured["ratio"] <= 1.1, measured
+
+
 def test_rows_sum_to_total_and_weights_match_weight_bytes():
     m = _sparse(numlstm.LSTM(8, 16, num_layers=2, proj_size=4, seed=0), 0.5)
     report = memory_report(m, 50, 4, training=True, checkpoint=5, optimizer="adam")

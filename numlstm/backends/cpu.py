@@ -68,11 +68,21 @@ class Params(ParamLookups):
         (docs/design.md, CSR execution layout); else the stored arrays."""
         return w.step_args() if B < config.STEP_MAX_B else w.kernel_args()
 
+    def recurrent_weights(self):
+        """W_hh and W_hr of every layer and direction, in ``weights`` order: what
+        a recurrence reads through ``step_args``."""
+        return [w for n, w in self.weights.items() if n.startswith(("weight_hh", "weight_hr"))]
+
     def prepare(self, B):
-        """Before a forward over B rows: the recurrence reads the layouts' copies
-        below ``config.STEP_MAX_B``, so they are refreshed on every such call
-        (values written in place in any way are then seen)."""
+        """Before a forward over B rows: below ``config.STEP_MAX_B`` the
+        recurrence reads the per-step execution layouts of W_hh and W_hr. They
+        are built here on first use, before the call carves its workspace, so
+        that a build's temporaries never stack on the workspace (what
+        ``memory_report`` predicts), and refreshed on every such call (values
+        written in place in any way are then seen)."""
         if B < config.STEP_MAX_B:
+            for w in self.recurrent_weights():
+                w.step_args()
             self.refresh_layouts()
 
     def two_threads(self, layer, d, T, B):
