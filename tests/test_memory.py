@@ -191,7 +191,7 @@ def test_sizes_past_int64_are_counted_exactly():
     parts = pool_memory(m, S)
     # h, c (1, S, 4) each, x (S, 3), out (S, 4), plus one alignment step of 64 bytes
     assert parts["states"] == 4 * S * (4 + 4 + 3 + 4) + 64
-    assert parts["index"] == S * (8 + 8 + 8 + 1) + 8
+    assert parts["index"] == S * (8 + 8 + 8 + 8 + 1) + 8  # pool._INDEX_BYTES a slot
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     pooled = memory_report(m, 1, 1, pool=S)
     assert pooled["stream pool states"] == parts["states"] + parts["index"]
