@@ -200,6 +200,25 @@ def check_memory_budget(memory_budget, checkpoint, training):
     return budget
 
 
+def check_out_array(out, shape, dtype):
+    """Refuse an ``out`` that a step's output (``shape``, ``dtype``) cannot be
+    written into: not a NumPy array, another shape or dtype, not C-contiguous,
+    read-only. (Whether it overlaps the caller's own buffers is the caller's
+    check.)"""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array of shape {shape} and dtype "
+                        f"{dtype.name}, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have dtype {dtype.name} like the model, got "
+                        f"{out.dtype.name}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous, got strides {out.strides}")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable, got a read-only array")
+
+
 def check_stream_args(model, batch_size):
     """The batch size a stream of ``model`` gets, as an int; ValueError for a
     bidirectional or reverse model or a batch size that is not a positive int."""

@@ -376,19 +376,7 @@ class StreamPool:
 
     def _check_out(self, out, n):
         """Refuse an ``out`` that ``step`` of n sessions cannot write into."""
-        shape, dtype = (n, self._out.shape[1]), self._out.dtype
-        if out.__class__ is not np.ndarray and not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a NumPy array of shape {shape} and dtype "
-                            f"{dtype.name}, got {type(out).__name__}")
-        if out.shape != shape:
-            raise ValueError(f"out must have shape {shape}, got {out.shape}")
-        if out.dtype != dtype:
-            raise TypeError(f"out must have dtype {dtype.name} like the model, got "
-                            f"{out.dtype.name}")
-        if not out.flags.c_contiguous:
-            raise ValueError(f"out must be C-contiguous, got strides {out.strides}")
-        if not out.flags.writeable:
-            raise ValueError("out must be writeable, got a read-only array")
+        checks.check_out_array(out, (n, self._out.shape[1]), self._out.dtype)
         if out is not self._out_ok:
             if np.may_share_memory(out, self._states_ws._block) \
                     or np.may_share_memory(out, self._work_ws._block):

@@ -196,18 +196,7 @@ class Stream:
         be, h = self._be, self._h_layers[-1]
         shape, dtype = tuple(h.shape), np.dtype(h.dtype)
         if to_host or self._host:
-            if not isinstance(out, np.ndarray):
-                raise TypeError(f"out must be a NumPy array of shape {shape} and dtype "
-                                f"{dtype.name}, got {type(out).__name__}")
-            if out.shape != shape:
-                raise ValueError(f"out must have shape {shape}, got {out.shape}")
-            if out.dtype != dtype:
-                raise TypeError(f"out must have dtype {dtype.name} like the model, got "
-                                f"{out.dtype.name}")
-            if not out.flags.c_contiguous:
-                raise ValueError(f"out must be C-contiguous, got strides {out.strides}")
-            if not out.flags.writeable:
-                raise ValueError("out must be writeable, got a read-only array")
+            checks.check_out_array(out, shape, dtype)
             # An array's memory never changes: one that passed is not checked again.
             if self._host and out is not self._out_ok:
                 if np.may_share_memory(out, self._ws._block):

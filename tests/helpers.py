@@ -65,3 +65,18 @@ def nrt_allocations(step, n=50):
     for _ in range(n):
         step()
     return rtsys.get_allocation_stats().alloc - before
+
+
+# The start of a child process's script that lists, in ``compiled``, every
+# function numba compiles in it (a kernel loaded from the cache is none).
+COUNT_COMPILES = r"""
+from numba.core import event
+
+compiled = []
+class Count(event.Listener):
+    def on_start(self, ev):
+        compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Count())
+"""

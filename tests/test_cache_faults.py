@@ -15,24 +15,17 @@ import subprocess
 import sys
 
 import pytest
+from helpers import COUNT_COMPILES
 
-CHILD = r"""
+CHILD = COUNT_COMPILES + r"""
 import json, sys, warnings
 import numpy as np
-from numba.core import caching, event
+from numba.core import caching
 
 if "--read-only" in sys.argv:  # no folder anywhere can be written
     def refuse(self):
         raise PermissionError(13, "Read-only file system", self.get_cache_path())
     caching._CacheLocator.ensure_cache_path = refuse
-
-compiled = []
-class Count(event.Listener):
-    def on_start(self, ev):
-        compiled.append(ev.data["dispatcher"].py_func.__qualname__)
-    def on_end(self, ev):
-        pass
-event.register("numba:compile", Count())
 
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

@@ -14,22 +14,14 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import COUNT_COMPILES
 
 import numlstm
 from numlstm import cli
 
-CHILD = r"""
+CHILD = COUNT_COMPILES + r"""
 import json, logging, sys
 import numpy as np
-from numba.core import event
-
-compiled = []
-class Count(event.Listener):
-    def on_start(self, ev):
-        compiled.append(ev.data["dispatcher"].py_func.__qualname__)
-    def on_end(self, ev):
-        pass
-event.register("numba:compile", Count())
 lines = []
 class Keep(logging.Handler):
     def emit(self, record):
