@@ -78,6 +78,12 @@ class Linear(_Module):
             state["bias"] = rng.uniform(-k, k, self.out_features)
         self.load_state_dict(state)
 
+    def __repr__(self):
+        from numlstm.weights import describe
+
+        return (f"Linear({self.in_features}, {self.out_features}, bias={self.bias}, "
+                f"dtype={self.dtype.name}, weight={describe(self._params['weight'])})")
+
     def load_state_dict(self, state):
         """Replace weight (array or scipy sparse: CSR/BSR as in ``LSTM``) and bias."""
         if not isinstance(state, dict):
@@ -148,6 +154,9 @@ class Embedding(_Module):
         rng = np.random.default_rng(seed)  # N(0, 1), as torch.nn.Embedding
         self.load_state_dict({"weight": rng.standard_normal((self.num_embeddings,
                                                              self.embedding_dim))})
+
+    def __repr__(self):
+        return f"Embedding({self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype.name})"
 
     def load_state_dict(self, state):
         if not isinstance(state, dict) or set(state) != {"weight"}:

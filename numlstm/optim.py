@@ -117,6 +117,17 @@ class Optimizer:
         self.steps = 0
         self.state = {}  # (module index, name) -> {slot: array}
 
+    def __repr__(self):
+        lr = f"schedule {getattr(self.lr, '__name__', type(self.lr).__name__)}" \
+            if callable(self.lr) else repr(self.lr)
+        opts = "".join(f", {k}={v!r}" for k, v in self._options().items())
+        return (f"{type(self).__name__}({len(self.modules)} module(s), lr={lr}{opts}, "
+                f"steps={self.steps})")
+
+    def _options(self):
+        """Hyperparameters other than lr, for ``repr``."""
+        return {}
+
     def current_lr(self):
         return self.lr(self.steps) if callable(self.lr) else self.lr
 
@@ -215,6 +226,10 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         self.slots = ("momentum",) if self.momentum else ()
 
+    def _options(self):
+        return {"momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay}
+
     def _update(self, p, g, st, lr):
         d = g + self.weight_decay * p if self.weight_decay else g
         if self.momentum:
@@ -247,6 +262,10 @@ class Adam(Optimizer):
         self.eps = _check_number(eps, "eps", low_open=True)
         self.weight_decay = _check_number(weight_decay, "weight_decay")
 
+
+    def _options(self):
+        return {"betas": (self.beta1, self.beta2), "eps": self.eps,
+                "weight_decay": self.weight_decay}
     def _update(self, p, g, st, lr):
         if self.weight_decay and self.decoupled:
             p *= 1 - lr * self.weight_decay

@@ -226,6 +226,12 @@ class GradualPruner:
         self.on_prune = on_prune
         self.t = 0  # the step the next call to ``step`` is
 
+    def __repr__(self):
+        return (f"GradualPruner({self.initial_sparsity} -> {self.final_sparsity}, "
+                f"begin_step={self.begin_step}, num_updates={self.num_updates}, "
+                f"frequency={self.frequency}, scope={self.scope!r}, block={self.block!r}, "
+                f"weights={self.weights!r}, t={self.t})")
+
     def target(self, t):
         """s_t: the sparsity the schedule asks for at step t."""
         span = self.num_updates * self.frequency

@@ -140,6 +140,11 @@ class Batcher:
         self._worker = threading.Thread(target=self._run, name="numlstm-batcher", daemon=True)
         self._worker.start()
 
+    def __repr__(self):
+        return (f"Batcher(pool with {len(self.pool)}/{self.pool.capacity} sessions open, "
+                f"max_batch={self.max_batch}, max_delay={self.max_delay}, queued={self._queued}, "
+                f"batches={self.batches}, closed={self._closed})")
+
     # ------------------------------------------------------------------
     # Callers
     # ------------------------------------------------------------------

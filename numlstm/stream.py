@@ -59,6 +59,10 @@ class Stream:
         self._bind()
         self.reset(state)
 
+    def __repr__(self):
+        # The stream's device, not the model's: the model may have moved since.
+        return f"Stream({self.model!r}, batch_size={self.batch_size}, device={self._be.NAME!r})"
+
     def _layer_args(self, x):
         """Every layer's ``lstm_step`` arguments, layer 0 reading ``x``."""
         m, B = self.model, self.batch_size

@@ -1,0 +1,90 @@
+"""API conventions: every public class has a repr of its own."""
+
+import importlib
+import inspect
+
+import numpy as np
+import pytest
+
+import numlstm
+from numlstm import layers, optim, prune
+from numlstm.serve import Batcher
+
+PUBLIC_MODULES = ["numlstm", "numlstm.layers", "numlstm.losses", "numlstm.optim",
+                  "numlstm.prune", "numlstm.quantize", "numlstm.serve", "numlstm.convert"]
+
+
+def _public_names(module):
+    """(qualified name, object) of the names a module offers: ``__all__``, or the
+    names defined in numlstm that do not start with an underscore."""
+    names = getattr(module, "__all__", None)
+    if names is None:
+        names = [n for n in vars(module) if not n.startswith("_")]
+    for name in names:
+        obj = getattr(module, name)
+        if inspect.ismodule(obj):
+            continue
+        if getattr(obj, "__module__", "").split(".")[0] != "numlstm":
+            continue  # imported from numpy, the standard library, ...
+        yield f"{module.__name__}.{name}", obj
+
+
+def public_objects():
+    """Every public function and class of the public modules, once each."""
+    seen, found = set(), []
+    for mod_name in PUBLIC_MODULES:
+        module = importlib.import_module(mod_name)
+        items = list(_public_names(module))
+        if mod_name == "numlstm":
+            items.append(("numlstm.compile", numlstm.compile))
+        for qual, obj in items:
+            if id(obj) not in seen and (inspect.isclass(obj) or callable(obj)):
+                seen.add(id(obj))
+                found.append((qual, obj))
+    return found
+
+
+def test_the_walk_finds_the_api():
+    names = {q for q, _ in public_objects()}
+    assert {"numlstm.LSTM", "numlstm.Stream", "numlstm.layers.Linear", "numlstm.optim.Adam",
+            "numlstm.serve.Batcher", "numlstm.compile", "numlstm.fit"} <= names
+
+
+def test_every_public_class_has_its_own_repr():
+    lacking = [q for q, obj in public_objects()
+               if inspect.isclass(obj) and not issubclass(obj, BaseException)
+               and obj.__repr__ is object.__repr__]
+    assert not lacking, f"classes with object's default repr: {lacking}"
+
+
+@pytest.fixture
+def model():
+    return numlstm.LSTM(3, 5, num_layers=2, seed=0)
+
+
+def test_layer_reprs_show_configuration():
+    lin = layers.Linear(4, 6, bias=False, dtype=np.float64, seed=0)
+    assert repr(lin) == "Linear(4, 6, bias=False, dtype=float64, weight=dense float64)"
+    emb = layers.Embedding(10, 3, seed=0)
+    assert repr(emb) == "Embedding(10, 3, dtype=float32)"
+
+
+def test_optimizer_reprs_show_hyperparameters(model):
+    r = repr(optim.SGD(model, lr=0.1, momentum=0.9))
+    assert r == "SGD(1 module(s), lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0, steps=0)"
+    r = repr(optim.AdamW([model, layers.Linear(5, 2)], lr=optim.cosine_schedule(1e-3, 10)))
+    assert r.startswith("AdamW(2 module(s), lr=schedule ") and "betas=(0.9, 0.999)" in r
+    assert "weight_decay=0.01" in r and "array" not in r
+
+
+def test_stream_pool_batcher_pruner_reprs(model):
+    s = model.stream(batch_size=4)
+    assert repr(s) == f"Stream({model!r}, batch_size=4, device='cpu')"
+    pool = numlstm.StreamPool(model, 8)
+    pool.open()
+    with Batcher(pool, max_batch=4) as b:
+        r = repr(b)
+    assert r.startswith("Batcher(pool with 1/8 sessions open, max_batch=4, max_delay=0.0005")
+    assert "closed=True" in repr(b)
+    g = prune.GradualPruner(model, 0.8, num_updates=3, frequency=5)
+    assert repr(g).startswith("GradualPruner(0.0 -> 0.8, begin_step=0, num_updates=3, ")
