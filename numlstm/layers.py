@@ -35,10 +35,19 @@ class _Module:
         return dict(self._grads)
 
     def zero_grad(self):
+        """Set every gradient array to zero, in place (``backward`` adds into them)."""
         for g in self._grads.values():
             g.fill(0)
 
     def state_dict(self):
+        """Copies of the parameters, as ``load_state_dict`` takes them.
+
+        Returns
+        -------
+        dict
+            Name -> array (a dense weight or bias) or scipy sparse matrix (a
+            CSR or BSR weight); changing them leaves the module unchanged.
+        """
         return {n: (p.public() if isinstance(p, weights._Weight) else p.copy())
                 for n, p in self._params.items()}
 
@@ -159,6 +168,20 @@ class Embedding(_Module):
         return f"Embedding({self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype.name})"
 
     def load_state_dict(self, state):
+        """Replace the table (copied); resets the gradient and ``touched_rows``.
+
+        Parameters
+        ----------
+        state : dict
+            ``{"weight": array (num_embeddings, embedding_dim)}``, finite values.
+
+        Raises
+        ------
+        KeyError
+            If ``state`` is not a dict with exactly the key ``"weight"``.
+        TypeError, ValueError
+            If the weight's dtype or shape is wrong, or it holds NaN or inf.
+        """
         if not isinstance(state, dict) or set(state) != {"weight"}:
             raise KeyError(f"state must be a dict with the key 'weight', got {state!r:.60}")
         w = weights.check_float_array(state["weight"], "weight",
@@ -189,5 +212,6 @@ class Embedding(_Module):
         self.touched_rows = np.union1d(self.touched_rows, idx.reshape(-1))
 
     def zero_grad(self):
+        """Zero the gradient and empty ``touched_rows``."""
         super().zero_grad()
         self.touched_rows = np.zeros(0, np.int64)

@@ -129,9 +129,17 @@ class Optimizer:
         return {}
 
     def current_lr(self):
+        """The learning rate the next ``step`` uses.
+
+        Returns
+        -------
+        float
+            ``lr``, or the schedule's value at the current step count.
+        """
         return self.lr(self.steps) if callable(self.lr) else self.lr
 
     def zero_grad(self):
+        """Zero the gradients of every module (call before each backward pass)."""
         for m in self.modules:
             m.zero_grad()
 

@@ -236,6 +236,7 @@ class Batcher:
 
     @property
     def closed(self):
+        """Whether ``close()`` was called: a closed batcher takes no requests."""
         return self._closed
 
     def __enter__(self):

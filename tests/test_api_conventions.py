@@ -1,4 +1,5 @@
-"""API conventions: every public class has a repr of its own."""
+"""API conventions: every public class has a repr of its own, and every public
+function, class, method and property a docstring."""
 
 import importlib
 import inspect
@@ -55,6 +56,48 @@ def test_every_public_class_has_its_own_repr():
                if inspect.isclass(obj) and not issubclass(obj, BaseException)
                and obj.__repr__ is object.__repr__]
     assert not lacking, f"classes with object's default repr: {lacking}"
+
+
+def _public_members(cls):
+    """(name, function or property) of a class's public methods and properties,
+    inherited ones included, that numlstm defines (not ``object``'s or
+    ``Exception``'s)."""
+    for name in dir(cls):
+        if name.startswith("_"):
+            continue
+        owner = next(c for c in cls.__mro__ if name in vars(c))
+        if owner.__module__.split(".")[0] != "numlstm":
+            continue
+        attr = vars(owner)[name]
+        if isinstance(attr, property):
+            yield name, attr.fget
+        elif isinstance(attr, (staticmethod, classmethod)):
+            yield name, attr.__func__
+        elif inspect.isfunction(attr):
+            yield name, attr
+
+
+def missing_docstrings():
+    missing = []
+    for qual, obj in public_objects():
+        if not (obj.__doc__ or "").strip():
+            missing.append(qual)
+        if inspect.isclass(obj):
+            missing += [f"{qual}.{name}" for name, fn in _public_members(obj)
+                        if not (fn.__doc__ or "").strip()]
+    return missing
+
+
+def test_every_public_name_has_a_docstring():
+    missing = missing_docstrings()
+    assert not missing, f"public names without a docstring: {missing}"
+
+
+def test_the_docstring_walk_sees_methods_and_properties():
+    members = dict(_public_members(optim.Adam))
+    assert {"zero_grad", "step", "current_lr", "nbytes"} <= set(members)
+    members = dict(_public_members(layers.Linear))
+    assert {"state_dict", "zero_grad", "load_state_dict", "forward"} <= set(members)
 
 
 @pytest.fixture
