@@ -16,34 +16,68 @@ from numlstm.optim import Optimizer, clip_grad_norm
 
 
 class _Progress:
-    """tqdm when installed; else one line rewritten in place; nothing when silent."""
+    """tqdm when installed; else one line rewritten in place; nothing when silent.
 
-    def __init__(self, total, enabled, desc):
+    Only a terminal gets updates in place (tqdm's or ``\\r``): into a pipe or
+    a log file a ``\\r`` would pile every update onto one line, so there the
+    progress is plain lines, at most one per ``PLAIN_EVERY`` seconds, and one
+    when the epoch ends.
+    """
+
+    PLAIN_EVERY = 10.0  # seconds between plain lines: a log stays short
+
+    def __init__(self, total, enabled, desc, stream=None):
         self.bar, self.enabled, self.total, self.desc = None, enabled, total, desc
         self.n, self.t0 = 0, time.perf_counter()
-        if enabled:
+        # Looked up per epoch, not at import: a redirected sys.stderr is honoured.
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = _isatty(self.stream)
+        self.last = None  # when the last plain line was written
+        self.loss = math.nan
+        if enabled and self.tty:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
                 return
-            self.bar = tqdm(total=total, desc=desc, leave=False)
+            self.bar = tqdm(total=total, desc=desc, leave=False, file=self.stream)
+
+    def _line(self, loss):
+        total = f"/{self.total}" if self.total else ""
+        return (f"{self.desc} {self.n}{total}  loss {loss:.4f}  "
+                f"{time.perf_counter() - self.t0:.1f} s")
 
     def update(self, loss):
         self.n += 1
+        self.loss = loss
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.update(1)
+        elif self.enabled and self.tty:
+            self.stream.write("\r" + self._line(loss))
+            self.stream.flush()
         elif self.enabled:
-            total = f"/{self.total}" if self.total else ""
-            sys.stderr.write(f"\r{self.desc} {self.n}{total}  loss {loss:.4f}  "
-                             f"{time.perf_counter() - self.t0:.1f} s")
-            sys.stderr.flush()
+            now = time.perf_counter()
+            if self.last is None or now - self.last >= self.PLAIN_EVERY:
+                self.last = now
+                self.stream.write(self._line(loss) + "\n")
+                self.stream.flush()
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
-            sys.stderr.write("\n")
+        elif self.enabled and self.tty:
+            self.stream.write("\n")
+        elif self.enabled and self.n:
+            self.stream.write(self._line(self.loss) + "  (done)\n")
+            self.stream.flush()
+
+
+def _isatty(stream):
+    """Whether ``stream`` is a terminal; False for anything that cannot say."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed file
+        return False
 
 
 def fit(step, optimizer, batches, *, epochs=1, validate=None, patience=None, min_delta=0.0,
@@ -73,7 +107,9 @@ def fit(step, optimizer, batches, *, epochs=1, validate=None, patience=None, min
     hooks : iterable of callable(step_index, loss)
         Called after every optimizer step.
     progress : bool
-        A progress bar (tqdm if installed, else one plain line on stderr).
+        A progress bar on stderr: on a terminal, tqdm if installed, else one
+        line rewritten in place; into a pipe or file, plain lines (one every
+        10 s at most, and one at the end of each epoch).
     log : callable(str), optional
         Receives one summary line per epoch.
 

@@ -1,8 +1,10 @@
 """API conventions: every public class has a repr of its own, and every public
-function, class, method and property a docstring."""
+function, class, method and property a docstring; ``fit``'s progress fits its stream."""
 
 import importlib
 import inspect
+import io
+import sys
 
 import numpy as np
 import pytest
@@ -131,3 +133,45 @@ def test_stream_pool_batcher_pruner_reprs(model):
     assert "closed=True" in repr(b)
     g = prune.GradualPruner(model, 0.8, num_updates=3, frequency=5)
     assert repr(g).startswith("GradualPruner(0.0 -> 0.8, begin_step=0, num_updates=3, ")
+
+
+def _fit_quietly(epochs=2, steps=5):
+    """``numlstm.fit`` on a tiny Linear, progress on (to wherever sys.stderr is)."""
+    lin = layers.Linear(2, 1, seed=0)
+    x = np.ones((4, 2), np.float32)
+
+    def step(batch):
+        y = lin(x, training=True)
+        lin.backward(np.ones_like(y))
+        return float(y.sum())
+
+    numlstm.fit(step, optim.SGD(lin, lr=1e-3), list(range(steps)), epochs=epochs, progress=True)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_fit_progress_into_a_file_is_plain_lines(monkeypatch):
+    out = io.StringIO()  # isatty() is False, as for a pipe or a log file
+    monkeypatch.setattr(sys, "stderr", out)
+    _fit_quietly(epochs=2, steps=5)
+    text = out.getvalue()
+    assert "\r" not in text, f"carriage returns written into a non-terminal: {text!r}"
+    lines = text.splitlines()
+    # Per epoch: the first step's line, then (steps within PLAIN_EVERY) the closing one.
+    assert len(lines) == 4 and text.endswith("\n"), lines
+    assert lines[1].startswith("epoch 1/2 5/5  loss ") and lines[1].endswith("(done)")
+    assert lines[3].startswith("epoch 2/2 5/5")
+
+
+def test_fit_progress_on_a_terminal_updates_in_place(monkeypatch):
+    out = _Terminal()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the plain bar, not tqdm's
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    _fit_quietly(epochs=1, steps=3)
+    text = out.getvalue()
+    assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
+    assert "epoch 1/1 3/3" in text
