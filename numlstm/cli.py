@@ -305,11 +305,9 @@ def _convert(args):
 
 def _from_onnx(source, dtype, batch_first):
     from numlstm import convert
+    from numlstm._optional import require
 
-    try:
-        import onnx
-    except ImportError:
-        raise ImportError("converting an .onnx file needs onnx (pip install onnx)") from None
+    onnx = require("onnx", "onnx", "converting an .onnx file")
     try:  # onnx and protobuf raise many types (DecodeError, ValidationError, ...)
         proto = onnx.load(source)
     except Exception as e:  # noqa: BLE001
@@ -331,11 +329,9 @@ def _from_torch(source, dtype, batch_first):
     from collections.abc import Mapping
 
     from numlstm import convert
+    from numlstm._optional import require
 
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("converting a .pt file needs torch (pip install torch)") from None
+    torch = require("torch", None, "converting a .pt file")
     how = "save one with torch.save(module.state_dict(), path)"
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)

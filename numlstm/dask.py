@@ -42,6 +42,7 @@ import threading
 import numpy as np
 
 from numlstm import losses
+from numlstm._optional import require
 from numlstm.io import load, save
 from numlstm.lstm import LSTM
 
@@ -49,11 +50,7 @@ __all__ = ["DataParallel", "scatter_model", "score"]
 
 
 def _require_dask():
-    try:
-        import distributed  # noqa: F401
-    except ImportError:  # pragma: no cover - exercised only without dask
-        raise ImportError('numlstm.dask needs dask.distributed: pip install "numlstm[dask]" '
-                          '(or "dask[distributed]")') from None
+    require("distributed", "dask", "numlstm.dask", package="dask.distributed")
 
 
 # ----------------------------------------------------------------------------

@@ -175,3 +175,61 @@ def test_fit_progress_on_a_terminal_updates_in_place(monkeypatch):
     text = out.getvalue()
     assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
     assert "epoch 1/1 3/3" in text
+
+
+@pytest.mark.parametrize("module,extra,package,expected", [
+    ("onnx", "onnx", None, 'W needs the onnx package: pip install "numlstm[onnx]"'),
+    ("numba.cuda", "cuda", "numba-cuda",
+     'W needs the numba-cuda package: pip install "numlstm[cuda]"'),
+    ("torch", None, None, "W needs the torch package: pip install torch"),
+])
+def test_require_names_the_extra(monkeypatch, module, extra, package, expected):
+    from numlstm._optional import require
+
+    monkeypatch.setitem(sys.modules, module, None)  # "not installed", whether it is or not
+    with pytest.raises(ImportError) as info:
+        require(module, extra, "W", package=package)
+    assert str(info.value) == expected
+
+
+def test_require_passes_a_broken_install_through(monkeypatch):
+    from numlstm._optional import require
+
+    def broken(name, *args, **kwargs):
+        raise ModuleNotFoundError("No module named 'google.protobuf'", name="google.protobuf")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError, match="google.protobuf"):
+        require("onnx", "onnx", "numlstm.convert.from_onnx")
+
+
+@pytest.mark.parametrize("blocked,call,message", [
+    ("onnx", lambda: numlstm.convert.from_onnx("m.onnx"),
+     'numlstm.convert.from_onnx needs the onnx package: pip install "numlstm[onnx]"'),
+    ("onnx", lambda: numlstm.convert.to_onnx(numlstm.LSTM(2, 3)),
+     'numlstm.convert.to_onnx needs the onnx package: pip install "numlstm[onnx]"'),
+    ("torch", lambda: numlstm.convert.to_torch(numlstm.LSTM(2, 3)),
+     "numlstm.convert.from_torch / to_torch needs the torch package: pip install torch"),
+    ("distributed", lambda: importlib.import_module("numlstm.dask")._require_dask(),
+     'numlstm.dask needs the dask.distributed package: pip install "numlstm[dask]"'),
+    ("numba.cuda", lambda: numlstm.LSTM(2, 3).to("cuda"),
+     'needs the numba-cuda package: pip install "numlstm[cuda]"'),
+])
+def test_missing_optional_packages_name_their_extra(monkeypatch, blocked, call, message):
+    import numlstm.convert  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, blocked, None)
+    with pytest.raises(ImportError) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_cli_convert_without_onnx_names_the_extra(monkeypatch, tmp_path, capsys):
+    from numlstm import cli
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"\x08\x07")  # not empty: the CLI refuses an empty file first
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert cli.main(["convert", str(src), "-o", str(tmp_path / "m.npz")]) != 0
+    assert 'converting an .onnx file needs the onnx package: pip install "numlstm[onnx]"' \
+        in capsys.readouterr().err

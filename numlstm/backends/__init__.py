@@ -25,6 +25,9 @@ def get(name):
         from numlstm.backends import cpu
 
         return cpu
+    from numlstm._optional import require
+
+    require("numba.cuda", "cuda", 'device="cuda" (LSTM.to("cuda"))', package="numba-cuda")
     from numlstm.backends import cuda
 
     cuda.load()

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from numlstm._optional import require
 from numlstm.cell import ACTIVATIONS, Cell
 from numlstm.convert._common import check_dtype, check_model, dense_state
 
@@ -50,7 +51,7 @@ def _gates(a, H, order, dtype=None):
 
 
 def _load(model_or_path):
-    import onnx
+    onnx = require("onnx", "onnx", "numlstm.convert.from_onnx")
 
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
@@ -571,6 +572,7 @@ def to_onnx(model, path=None, *, opset=17, sequence_lens=False, initial_state=Fa
     -------
     onnx.ModelProto (checked with ``onnx.checker``)
     """
+    require("onnx", "onnx", "numlstm.convert.to_onnx")
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 

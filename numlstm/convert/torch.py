@@ -115,9 +115,10 @@ def _dense_vector(v, name, shape):
 
 
 def _torch():
-    import torch
+    from numlstm._optional import require
 
-    return torch
+    # No extra installs torch (the bench extra pins a build): name the package.
+    return require("torch", None, "numlstm.convert.from_torch / to_torch")
 
 
 def from_torch(obj, *, dtype=np.float32, batch_first=None, dropout=None):
