@@ -221,6 +221,40 @@ def _one_line(e, limit=600):
     return line if len(line) <= limit else line[:limit] + "..."
 
 
+# The library's messages name Python arguments; a command-line user typed flags.
+# (pattern, replacement) per command, applied only to the messages of the library
+# call a command makes (never to a file name, which may hold any word).
+_FLAG_WORDING = {
+    "info": ((r"\bseq_len\b", "--seq-len"), (r"\bbatch_size\b", "--batch")),
+    "prune": ((r"scope must be 'per_matrix' or 'global' for blocks, got '(\w+)'",
+               r"--scope \1 cannot be used with --block: use --scope per_matrix or global"),
+              (r"\bblock \((\d+), (\d+)\)", r"--block \1x\2")),
+    "quantize": ((r"quantize\(values=None\)", "--dtype none"),
+                 (r"quantize\(values='(\w+)'\)", r"--dtype \1"),
+                 (r"\(values='(\w+)'\)", r"(--dtype \1)"),
+                 (r"\(values=None\)", "(--dtype none)"),
+                 (r"\(numlstm\.prune\.magnitude\)", "(numlstm prune)"),
+                 (r"\bpass skip_dense=True\b", "pass --skip-dense"),
+                 (r"uint16 indices hold at most (\d+)",
+                  r"uint16 indices hold at most \1: use --indices auto or int32")),
+}
+
+
+@contextlib.contextmanager
+def _in_flags(command):
+    """Re-raise a ValueError / TypeError of the library with its message in
+    ``command``'s flags (``skip_dense=True`` -> ``--skip-dense``)."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        text = str(e)
+        for pattern, flag in _FLAG_WORDING[command]:
+            text = re.sub(pattern, flag, text)
+        if text == str(e):
+            raise
+        raise type(e)(text) from None
+
+
 def _info(args):
     import numlstm
     from numlstm import weights
@@ -241,8 +275,9 @@ def _info(args):
     training = args.training and trainable
     if args.training and not trainable:
         print("(quantized weights are for inference only: reporting inference)")
-    report = numlstm.memory_report(model, args.seq_len, args.batch, training=training,
-                                   optimizer="adam" if training else None)
+    with _in_flags("info"):
+        report = numlstm.memory_report(model, args.seq_len, args.batch, training=training,
+                                       optimizer="adam" if training else None)
     print(report)
     return 0
 
@@ -251,10 +286,11 @@ def _prune(args):
     import numlstm
 
     model = numlstm.load(args.model)
-    if args.block is None:
-        numlstm.prune.magnitude(model, args.sparsity, scope=args.scope)
-    else:
-        numlstm.prune.blocks(model, args.sparsity, block=args.block, scope=args.scope)
+    with _in_flags("prune"):
+        if args.block is None:
+            numlstm.prune.magnitude(model, args.sparsity, scope=args.scope)
+        else:
+            numlstm.prune.blocks(model, args.sparsity, block=args.block, scope=args.scope)
     numlstm.save(model, args.output)
     print(f"pruned to {model.sparsity()['overall']:.1%} sparsity; weights "
           f"{model.weight_bytes():,} bytes; saved {args.output}")
@@ -266,8 +302,9 @@ def _quantize(args):
 
     model = numlstm.load(args.model)
     before = model.weight_bytes()
-    numlstm.quantize.quantize(model, None if args.dtype == "none" else args.dtype,
-                              args.indices, skip_dense=args.skip_dense)
+    with _in_flags("quantize"):
+        numlstm.quantize.quantize(model, None if args.dtype == "none" else args.dtype,
+                                  args.indices, skip_dense=args.skip_dense)
     numlstm.save(model, args.output)
     print(f"weights {before:,} -> {model.weight_bytes():,} bytes "
           f"(x{before / model.weight_bytes():.1f} smaller); saved {args.output}")

@@ -233,3 +233,39 @@ def test_cli_convert_without_onnx_names_the_extra(monkeypatch, tmp_path, capsys)
     assert cli.main(["convert", str(src), "-o", str(tmp_path / "m.npz")]) != 0
     assert 'converting an .onnx file needs the onnx package: pip install "numlstm[onnx]"' \
         in capsys.readouterr().err
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "m.npz"
+    numlstm.save(numlstm.LSTM(8, 16, seed=0), path)
+    return path
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["quantize", "{m}", "--dtype", "int8"],
+     ["--dtype int8 works on CSR weights", "(numlstm prune)", "(--dtype float16)",
+      "pass --skip-dense"]),
+    (["prune", "{m}", "--sparsity", "0.5", "--block", "8x1", "--scope", "per_row"],
+     ["--scope per_row cannot be used with --block"]),
+    (["prune", "{m}", "--sparsity", "0.5", "--block", "3x1"], ["not divisible by --block 3x1"]),
+])
+def test_cli_errors_speak_in_flags(saved, tmp_path, capsys, argv, says):
+    from numlstm import cli
+
+    argv = [a.format(m=saved) for a in argv] + ["-o", str(tmp_path / "out.npz")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"numlstm {argv[0]}: error: ")
+    for text in says:
+        assert text in err, err
+    for python in ("skip_dense", "values=", "scope must be", "block (", "numlstm.prune."):
+        assert python not in err, err
+
+
+def test_cli_flag_wording_leaves_file_names_alone(tmp_path, capsys):
+    from numlstm import cli
+
+    missing = tmp_path / "skip_dense=True values='int8'.npz"  # a name that looks like Python
+    assert cli.main(["quantize", str(missing), "-o", str(tmp_path / "o.npz")]) == 1
+    assert "skip_dense=True values='int8'.npz" in capsys.readouterr().err

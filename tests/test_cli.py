@@ -45,7 +45,7 @@ def test_prune_quantize_info_end_to_end(saved, tmp_path, capsys):
     (["info", "{garbage}"], "not an .npz archive"),
     (["quantize", "{model}", "-o", "{out}"], "prune them to CSR first"),
     (["prune", "{model}", "--sparsity", "0.5", "--block", "3x3", "-o", "{out}"],
-     "not divisible by block"),
+     "not divisible by --block 3x3"),
 ])
 def test_user_mistakes_give_one_line_and_status_1(saved, tmp_path, capsys, argv, message):
     garbage = tmp_path / "garbage.npz"
