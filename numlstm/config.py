@@ -124,8 +124,14 @@ PARALLEL_MIN_WORK = 2_000_000
 # between the per-step BLAS calls of a batched recurrence, so those do not
 # wait for threads to wake). Set here unless the environment sets it; it
 # takes effect only where scipy's OpenBLAS is not loaded yet (numba loads it
-# at the first compiled BLAS call, after ``import numlstm``).
-OPENBLAS_THREAD_TIMEOUT = os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+# at the first compiled BLAS call, after ``import numlstm``). It is set in
+# os.environ, so child processes inherit it; NUMLSTM_OPENBLAS_THREAD_TIMEOUT=0
+# (or "off") opts out and leaves the environment untouched (then this is the
+# environment's value, or None).
+if os.environ.get("NUMLSTM_OPENBLAS_THREAD_TIMEOUT", "").strip().lower() in ("0", "off"):
+    OPENBLAS_THREAD_TIMEOUT = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+else:
+    OPENBLAS_THREAD_TIMEOUT = os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 # ---------------------------------------------------------------------------
 # CUDA launch geometry (numlstm.kernels.cuda), read at every launch. Tests

@@ -269,3 +269,21 @@ def test_cli_flag_wording_leaves_file_names_alone(tmp_path, capsys):
     missing = tmp_path / "skip_dense=True values='int8'.npz"  # a name that looks like Python
     assert cli.main(["quantize", str(missing), "-o", str(tmp_path / "o.npz")]) == 1
     assert "skip_dense=True values='int8'.npz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opt_out", ["0", "off", "OFF "])
+def test_openblas_timeout_opt_out_leaves_the_environment_untouched(opt_out):
+    import os
+    import subprocess
+
+    code = ("import os; before = dict(os.environ); import numlstm; "
+            "from numlstm import config; "
+            "print(dict(os.environ) == before, config.OPENBLAS_THREAD_TIMEOUT)")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    run = lambda extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+        check=True).stdout.split()
+    assert run({"NUMLSTM_OPENBLAS_THREAD_TIMEOUT": opt_out}) == ["True", "None"]
+    assert run({"NUMLSTM_OPENBLAS_THREAD_TIMEOUT": opt_out,
+                "OPENBLAS_THREAD_TIMEOUT": "28"}) == ["True", "28"]
+    assert run({}) == ["False", "20"]  # without the opt-out numlstm sets it
