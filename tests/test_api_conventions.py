@@ -18,18 +18,17 @@ PUBLIC_MODULES = ["numlstm", "numlstm.layers", "numlstm.losses", "numlstm.optim"
 
 
 def _public_names(module):
-    """(qualified name, object) of the names a module offers: ``__all__``, or the
-    names defined in numlstm that do not start with an underscore."""
+    """(qualified name, object) of the names a module offers: ``__all__``, or,
+    without one, the names it defines that do not start with an underscore (a
+    helper it imports, ``numlstm.checks.check_int`` say, is not its API)."""
     names = getattr(module, "__all__", None)
     if names is None:
-        names = [n for n in vars(module) if not n.startswith("_")]
+        names = [n for n in vars(module) if not n.startswith("_")
+                 and getattr(vars(module)[n], "__module__", None) == module.__name__]
     for name in names:
         obj = getattr(module, name)
-        if inspect.ismodule(obj):
-            continue
-        if getattr(obj, "__module__", "").split(".")[0] != "numlstm":
-            continue  # imported from numpy, the standard library, ...
-        yield f"{module.__name__}.{name}", obj
+        if not inspect.ismodule(obj):
+            yield f"{module.__name__}.{name}", obj
 
 
 def public_objects():
