@@ -250,9 +250,13 @@ def _in_flags(command):
         text = str(e)
         for pattern, flag in _FLAG_WORDING[command]:
             text = re.sub(pattern, flag, text)
-        if text == str(e):
+        try:
+            mapped = type(e)(text) if text != str(e) else None
+        except TypeError:  # an exception type that takes other arguments: keep it
+            mapped = None
+        if mapped is None:
             raise
-        raise type(e)(text) from None
+        raise mapped from None
 
 
 def _info(args):

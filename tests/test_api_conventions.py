@@ -286,3 +286,21 @@ def test_openblas_timeout_opt_out_leaves_the_environment_untouched(opt_out):
     assert run({"NUMLSTM_OPENBLAS_THREAD_TIMEOUT": opt_out,
                 "OPENBLAS_THREAD_TIMEOUT": "28"}) == ["True", "28"]
     assert run({}) == ["False", "20"]  # without the opt-out numlstm sets it
+
+
+def test_flag_wording_keeps_the_type_and_unmapped_errors():
+    from numlstm import cli
+
+    with pytest.raises(TypeError, match=r"^--seq-len must be an int, got 'x'$"):
+        with cli._in_flags("info"):
+            raise TypeError("seq_len must be an int, got 'x'")
+    original = ValueError("nothing to map here")
+    with pytest.raises(ValueError) as info:
+        with cli._in_flags("quantize"):
+            raise original
+    assert info.value is original
+    odd = UnicodeDecodeError("ascii", b"\xff", 0, 1, "bad seq_len")  # takes 5 arguments
+    with pytest.raises(UnicodeDecodeError) as info:  # cannot be rebuilt from one message
+        with cli._in_flags("info"):
+            raise odd
+    assert info.value is odd
