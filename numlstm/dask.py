@@ -289,6 +289,12 @@ class DataParallel:
         self.shards = shards
         self.model_future = scatter_model(client, model)
 
+    def __repr__(self):
+        loss = getattr(self.loss_grad, "__qualname__", type(self.loss_grad).__name__)
+        shards = "one per worker thread" if self.shards is None else self.shards
+        return f"DataParallel({self.model!r}, {self.optimizer!r}, loss_grad={loss}, " \
+               f"shards={shards})"
+
     def _shard_count(self, B):
         n = self.shards or sum(self.client.nthreads().values()) or 1
         return max(1, min(int(n), B))

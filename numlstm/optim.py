@@ -89,6 +89,7 @@ def cosine_schedule(lr, total_steps, *, warmup_steps=0, min_lr=0.0):
     min_lr = _check_number(min_lr, "min_lr", high=lr + 1e-300)
 
     def schedule(step):
+        """The learning rate at ``step`` (counted from 0)."""
         if step < warmup_steps:
             return lr * (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))

@@ -64,6 +64,8 @@ class _Future(Future):
         self._batcher = batcher
 
     def add_done_callback(self, fn):
+        """Call ``fn(future)`` once the step is done (at once if it is), off the
+        batcher's worker thread when the worker would run it."""
         batcher = self._batcher
 
         def call(future):

@@ -13,8 +13,10 @@ import numlstm
 from numlstm import layers, optim, prune
 from numlstm.serve import Batcher
 
+# numlstm.dask imports dask only inside its functions, so it is walked too.
 PUBLIC_MODULES = ["numlstm", "numlstm.layers", "numlstm.losses", "numlstm.optim",
-                  "numlstm.prune", "numlstm.quantize", "numlstm.serve", "numlstm.convert"]
+                  "numlstm.prune", "numlstm.quantize", "numlstm.serve", "numlstm.convert",
+                  "numlstm.dask"]
 
 
 def _public_names(module):
@@ -92,6 +94,14 @@ def missing_docstrings():
 def test_every_public_name_has_a_docstring():
     missing = missing_docstrings()
     assert not missing, f"public names without a docstring: {missing}"
+
+
+def test_returned_callables_have_docstrings():
+    """Objects the API hands out, not named in any module: a schedule, a future."""
+    assert optim.cosine_schedule(1e-3, 10).__doc__.strip()
+    from numlstm.serve import _Future
+
+    assert _Future.add_done_callback.__doc__.strip()
 
 
 def test_the_docstring_walk_sees_methods_and_properties():
@@ -304,3 +314,13 @@ def test_flag_wording_keeps_the_type_and_unmapped_errors():
         with cli._in_flags("info"):
             raise odd
     assert info.value is odd
+
+
+def test_data_parallel_repr_without_a_cluster(model):
+    from numlstm.dask import DataParallel
+    from numlstm.losses import mse
+
+    dp = DataParallel.__new__(DataParallel)  # no client: only what repr reads
+    dp.model, dp.optimizer, dp.loss_grad, dp.shards = model, optim.Adam(model), mse, None
+    assert repr(dp) == (f"DataParallel({model!r}, {dp.optimizer!r}, loss_grad=mse, "
+                        "shards=one per worker thread)")
