@@ -208,8 +208,8 @@ def _compile_ahead(key, build):
     try:
         build()
     except Exception:  # the one-thread path keeps serving; say why once
-        log.warning("numlstm: compiling the two-thread kernels failed; streams and "
-                    "sequences stay on one thread", exc_info=True)
+        log.warning("compiling the two-thread kernels failed; streams and sequences of "
+                    "this type stay on one thread", exc_info=True)
         return
     log.info("two-thread kernels ready after %.1f s (compiled in the background)",
              time.perf_counter() - t0)
@@ -299,12 +299,18 @@ _LIVE = weakref.WeakSet()  # every Pair, for the fork handler
 
 def _after_fork():
     """In a forked child no worker runs: mark every Pair's worker as gone and
-    free the slots, so that the child's steps start workers of its own."""
-    global _SLOTS
+    free the slots, so that the child's steps start workers of its own. No
+    background compile runs either: forget the pending ones (their waiters
+    are the parent's), so that the child's streams ask again."""
+    global _SLOTS, _AHEAD_LOCK
     _SLOTS = None
     for p in list(_LIVE):
         p.sync[kernels.STATE] = kernels.ASLEEP
         p._thread = None
+    _AHEAD_LOCK = threading.Lock()  # another thread may have held it at the fork
+    for key in [k for k, v in _AHEAD.items() if v is not None]:
+        del _AHEAD[key]
+    _RUNNING.clear()
 
 
 if hasattr(os, "register_at_fork"):
