@@ -57,12 +57,6 @@ def compile(model, batch_sizes=(1,), *, seq_lens=(10, 1000), stream=True, forwar
         Seconds each prepared call took, by name (``"stream B=1"``, ...), and
         ``"cache"``: the folder the kernels are cached in.
 
-    Notes
-    -----
-    Meant for start-up or an image's build: while it runs it switches
-    ``config.PAIR_COMPILE`` for its own calls, which other threads stepping
-    streams at the same time would see too.
-
     Raises
     ------
     TypeError
@@ -70,6 +64,12 @@ def compile(model, batch_sizes=(1,), *, seq_lens=(10, 1000), stream=True, forwar
         model whose storage is for inference only.
     ValueError
         A batch size or sequence length that is not a positive int.
+
+    Notes
+    -----
+    Meant for start-up or an image's build: while it runs it switches
+    ``config.PAIR_COMPILE`` for its own calls, which other threads stepping
+    streams at the same time would see too.
     """
     from numlstm.lstm import LSTM
     from numlstm.pool import StreamPool
