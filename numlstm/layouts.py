@@ -25,6 +25,7 @@ keeps only its layout (``weights.CSR``). The bytes are counted in
 ``weight_bytes`` and ``memory_report`` (their "layout" part).
 """
 
+import logging
 import os
 from typing import NamedTuple
 
@@ -33,6 +34,8 @@ import numpy as np
 from numlstm import config
 from numlstm.kernels import sell as sell_kernels
 from numlstm.kernels.vector_ir import SELL_LANES, WINDOW, WINDOW_PAD
+
+log = logging.getLogger("numlstm")
 
 KINDS = ("windows", "sell", "dense", "csr")
 _BLOCK = 2**12  # values per block of rows that ``SellWindows`` sizes and fills at once
@@ -116,6 +119,9 @@ def choose(weight, forced=None):
         limit = stored * (1 + config.QUANTIZED_LAYOUT_SLACK)
         est = {k: e for k, e in est.items() if k == "csr" or nbytes[k] <= limit}
     best = min(est, key=est.get)
+    log.debug("step layout of a %dx%d weight with %d stored values: %s (estimated ns: %s)",
+              weight.shape[0], weight.shape[1], weight.nnz, best,
+              ", ".join(f"{k} {v:.0f}" for k, v in sorted(est.items())))
     return best, sized.get(best)
 
 

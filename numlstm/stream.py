@@ -11,10 +11,14 @@ stream step), on two threads when a batch-1 step outgrows one core
 (``numlstm.pair``); on the GPU one ``lstm_step`` launch per layer.
 """
 
+import logging
+
 import numpy as np
 
 from numlstm import checks, pair
 from numlstm.weights import check_float_array
+
+log = logging.getLogger("numlstm")
 
 
 class Stream:
@@ -100,12 +104,16 @@ class Stream:
             self._pair.stop()
             self._pair = None
         self._version = m.version
-        if (self._host and pair.worth_two(m, self.batch_size)
-                and pair.stream_ready(layers, self._hprev, self)):
+        two = self._host and pair.worth_two(m, self.batch_size)
+        if two and pair.stream_ready(layers, self._hprev, self):
             self._pair = pair.Pair(layers, self._hprev, self)
             self._run, self._plan = self._pair.run, self._pair.plan
         else:  # one thread (until the two-thread kernels are compiled, if they are to be)
             self._run, self._plan = self._be.step_plan(layers)
+        log.debug("stream of batch %d: %s", self.batch_size,
+                  "two threads" if self._pair is not None else
+                  "one thread until the two-thread kernels are compiled" if two else
+                  "one thread")
 
     def _rebind_soon(self):
         """Rebind at the next step (the two-thread kernels are ready); called

@@ -141,3 +141,23 @@ def test_a_stream_steps_alone_until_its_two_thread_kernels_are_compiled(tmp_path
     res = json.loads(proc.stdout.splitlines()[-1])
     assert res["first_alone"] and res["two"], res
     assert res["err"] < 1e-5, res  # one thread or two, whoever computes: the same outputs
+
+
+def test_the_logger_records_the_layout_and_thread_choices(caplog, monkeypatch):
+    """At DEBUG the numlstm logger says which layout each weight steps on, with
+    the estimates it chose by, and whether a stream runs on one thread or two."""
+    import logging
+
+    from numlstm import config
+
+    monkeypatch.setattr(config, "STEP_LAYOUT", "auto")
+    m = numlstm.LSTM(8, 32, seed=0)
+    numlstm.prune.magnitude(m, 0.9)
+    with caplog.at_level(logging.DEBUG, logger="numlstm"):
+        m.stream(1).step(np.ones((1, 8), np.float32))
+        monkeypatch.setattr(config, "STEP_THREADS", "1")
+        numlstm.LSTM(8, 32, seed=1).stream(1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "numlstm"]
+    layout = [x for x in lines if x.startswith("step layout of a 128x")]
+    assert len(layout) == 2 and all("estimated ns: " in x and "csr" in x for x in layout)
+    assert "stream of batch 1: one thread" in lines
