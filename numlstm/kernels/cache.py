@@ -154,7 +154,11 @@ _WRITES_OFF = False  # a write failed: this process stops writing
 
 
 def _ours(cache):
-    return isinstance(getattr(cache._impl, "locator", None), PerUserCacheLocator)
+    """Whether numba's ``cache`` is of a function defined in this package
+    (whichever locator placed it: ``NUMBA_CACHE_DIR``'s too)."""
+    func = getattr(cache, "_py_func", None)
+    code = getattr(func, "__code__", None)
+    return code is not None and _in_package(code.co_filename)
 
 
 def _warn_once(what, cache, exc):
